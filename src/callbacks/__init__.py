@@ -1,0 +1,1 @@
+"""Lightning callbacks shared by every objective: online kNN monitor, pictures, run summary."""

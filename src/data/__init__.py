@@ -1,0 +1,20 @@
+"""Data: sample transforms, Fashion-MNIST / image-folder / tar-shard datasets, and the Lightning data module."""
+
+from src.data.builtin import TensorImageDataset, load_fashion_mnist
+from src.data.datamodule import ImageDataModule, SkippingDataLoader, build_datamodule, collate_skipping
+from src.data.folder import ImageFolderDataset
+from src.data.shards import ShardDataset
+from src.data.transforms import EvalTransform, PretrainTransform
+
+__all__ = [
+    "EvalTransform",
+    "ImageDataModule",
+    "ImageFolderDataset",
+    "PretrainTransform",
+    "ShardDataset",
+    "SkippingDataLoader",
+    "TensorImageDataset",
+    "build_datamodule",
+    "collate_skipping",
+    "load_fashion_mnist",
+]

@@ -1,0 +1,274 @@
+"""One LightningDataModule for every data source (Fashion-MNIST, image folders, tar shards).
+
+Batches are dicts: "image" (B, 3, H, W) float, "label" (B,) long (-1 = unlabelled), "skipped" (a long
+scalar: samples of this batch dropped as corrupt) and any extra tensors the sample transform returns.
+The config is checked by ``validate()`` at construction, so a wrong path fails before any model is
+built, with the config key in the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+
+from src.data.builtin import TensorImageDataset, fashion_mnist_source, load_fashion_mnist
+from src.data.folder import ImageFolderDataset, find_class_folders
+from src.data.shards import ShardDataset, expand_shards
+
+log = logging.getLogger(__name__)
+
+KINDS = ("fashion_mnist", "image_folder", "shards")
+SampleTransform = Callable[[Image.Image], dict[str, torch.Tensor]]
+
+
+def collate_skipping(samples: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
+    """Default-collate the samples that decoded; None marks a corrupt one, counted in "skipped".
+
+    If every sample is None the batch is just ``{"skipped": n}``; ``SkippingDataLoader`` drops it.
+    """
+    kept = [s for s in samples if s is not None]
+    skipped = torch.tensor(len(samples) - len(kept), dtype=torch.long)
+    if not kept:
+        return {"skipped": skipped}
+    batch = default_collate(kept)
+    batch["skipped"] = skipped
+    return batch
+
+
+def _drop_empty_batches(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    carried = 0  # corrupt samples of dropped batches, reported with the next real batch
+    delivered = 0
+    for batch in batches:
+        if "image" not in batch:
+            carried += int(batch["skipped"])
+            log.warning("dropped a batch in which all %d samples were corrupt", int(batch["skipped"]))
+            continue
+        if carried:
+            batch["skipped"] = batch["skipped"] + carried
+            carried = 0
+        delivered += 1
+        yield batch
+    if carried and not delivered:
+        raise RuntimeError(f"every sample of this pass over the data was corrupt ({carried} skipped; see warnings)")
+
+
+class SkippingDataLoader(DataLoader):
+    """A DataLoader that never hands the model an empty batch; it fails only if a whole pass was corrupt."""
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return _drop_empty_batches(super().__iter__())
+
+
+def _positive_or_none(cfg: DictConfig, key: str, minimum: int = 1) -> int | None:
+    value = cfg.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
+        raise ValueError(f"dataset.{key} must be null or an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _required(cfg: DictConfig, key: str, example: str) -> Any:
+    if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg[key] is None:
+        raise ValueError(f"dataset.{key} is required for dataset.kind={cfg.kind} (e.g. dataset.{key}={example})")
+    return cfg[key]
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Training loader plus the labelled kNN bank/query loaders of the shared evaluation protocol."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        train_transform: SampleTransform,
+        eval_transform: SampleTransform,
+        batch_size: int,
+        num_workers: int,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self._train: Dataset | None = None
+        self._bank: Dataset | None = None
+        self._queries: Dataset | None = None
+        self._classes: list[str] | None = None
+        self.validate()
+
+    # ---- checks --------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Fail fast on a bad config: paths exist, sizes are sane; messages name the config key."""
+        cfg = self.cfg
+        if cfg.get("kind") not in KINDS:
+            raise ValueError(f"dataset.kind must be one of {KINDS}, got {cfg.get('kind')!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
+        if _positive_or_none(cfg, "img_size") is None:
+            raise ValueError("dataset.img_size is required")
+        for key in ("mean", "std"):
+            values = list(_required(cfg, key, "[0.5,0.5,0.5]"))
+            if len(values) != 3:
+                raise ValueError(f"dataset.{key} needs 3 values (images are 3-channel), got {values}")
+        if min(cfg.std) <= 0:
+            raise ValueError(f"dataset.std must be positive, got {list(cfg.std)}")
+        for key in ("knn_bank", "knn_queries", "num_classes"):
+            _positive_or_none(cfg, key)
+        train_limit = _positive_or_none(cfg, "train_limit", minimum=self.batch_size)
+
+        if cfg.kind == "fashion_mnist":
+            fashion_mnist_source(_required(cfg, "root", "/usr/share/datasets/fashion-mnist"))
+        elif cfg.kind == "image_folder":
+            self._classes = find_class_folders(_required(cfg, "root", "/data/imagenet/train"), "dataset.root")
+            if cfg.get("val_root") is not None:
+                find_class_folders(cfg.val_root, "dataset.val_root")
+        else:
+            if train_limit is not None:
+                raise ValueError("dataset.train_limit does not apply to shards; use dataset.samples_per_epoch")
+            expand_shards(_required(cfg, "train_urls", "'data/train-{000000..000009}.tar'"), "dataset.train_urls")
+            if cfg.get("val_urls") is not None:
+                expand_shards(cfg.val_urls, "dataset.val_urls")
+            if OmegaConf.is_missing(cfg, "samples_per_epoch"):
+                raise ValueError("dataset.samples_per_epoch is required for shards (null = one pass per epoch)")
+            _positive_or_none(cfg, "samples_per_epoch", minimum=self.batch_size)
+
+    # ---- datasets ------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets once (Lightning may call this per stage)."""
+        if self._train is not None:
+            return
+        cfg = self.cfg
+        if cfg.kind == "fashion_mnist":
+            train_images, train_labels = load_fashion_mnist(cfg.root, "train")
+            test_images, test_labels = load_fashion_mnist(cfg.root, "test")
+            self._train = TensorImageDataset(train_images, train_labels, self.train_transform, cfg.get("train_limit"))
+            self._bank = TensorImageDataset(train_images, train_labels, self.eval_transform, cfg.get("knn_bank"))
+            self._queries = TensorImageDataset(test_images, test_labels, self.eval_transform, cfg.get("knn_queries"))
+        elif cfg.kind == "image_folder":
+            train = ImageFolderDataset(cfg.root, self.train_transform, key="dataset.root")
+            self._train = train.view(self.train_transform, cfg.get("train_limit"))
+            if cfg.get("val_root") is not None:
+                self._bank = train.view(self.eval_transform, cfg.get("knn_bank"))
+                self._queries = ImageFolderDataset(
+                    cfg.val_root,
+                    self.eval_transform,
+                    key="dataset.val_root",
+                    class_to_idx=train.class_to_idx,
+                    limit=cfg.get("knn_queries"),
+                )
+        else:
+            epoch = cfg.get("samples_per_epoch")
+            self._train = ShardDataset(
+                cfg.train_urls,
+                self.train_transform,
+                key="dataset.train_urls",
+                num_samples=epoch,
+                repeat=epoch is not None,
+                split_by_node=True,
+                shuffle_buffer=cfg.get("shuffle_buffer", 1000),
+                batch_size=self.batch_size,
+            )
+            if len(self._train.shards) < self._world_size():
+                raise ValueError(
+                    f"dataset.train_urls has {len(self._train.shards)} shards for {self._world_size()} ranks; "
+                    "every rank needs at least one (write more, smaller shards)"
+                )
+            if cfg.get("val_urls") is not None:
+                self._bank = ShardDataset(
+                    cfg.train_urls, self.eval_transform, num_samples=cfg.get("knn_bank"), batch_size=self.batch_size
+                )
+                self._queries = ShardDataset(
+                    cfg.val_urls,
+                    self.eval_transform,
+                    key="dataset.val_urls",
+                    num_samples=cfg.get("knn_queries"),
+                    batch_size=self.batch_size,
+                )
+        if not isinstance(self._train, IterableDataset) and len(self._train) < self.batch_size:
+            raise ValueError(
+                f"the training set has {len(self._train)} images (dataset.train_limit={cfg.get('train_limit')}) "
+                f"but batch_size is {self.batch_size}: drop_last would leave no batches"
+            )
+
+    # ---- loaders -------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        assert self._train is not None
+        iterable = isinstance(self._train, ShardDataset)
+        workers = self._workers_for(self._train, per_rank=True)
+        return SkippingDataLoader(
+            self._train,
+            batch_size=self.batch_size,
+            shuffle=not iterable,
+            drop_last=True,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            collate_fn=collate_skipping,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def knn_dataloaders(self) -> tuple[DataLoader, DataLoader] | None:
+        """(bank, queries) with the eval transform, unshuffled; None without a labelled val split."""
+        self.setup()
+        if self._bank is None or self._queries is None:
+            return None
+        return self._eval_loader(self._bank), self._eval_loader(self._queries)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The kNN query loader (for objectives with a validation_step); [] when there is none."""
+        loaders = self.knn_dataloaders()
+        return loaders[1] if loaders is not None else []
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        workers = self._workers_for(dataset, per_rank=False)
+        return SkippingDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=workers,
+            collate_fn=collate_skipping,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _workers_for(self, dataset: Dataset, per_rank: bool) -> int:
+        """Shard readers split whole shards between workers: more workers than shards would sit idle."""
+        if not isinstance(dataset, ShardDataset) or self.num_workers == 0:
+            return self.num_workers
+        shards = len(dataset.shards) // self._world_size() if per_rank else len(dataset.shards)
+        return max(1, min(self.num_workers, shards))
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    # ---- facts other code needs ----------------------------------------------------------------
+    @property
+    def num_classes(self) -> int | None:
+        """From ``dataset.num_classes``, else the image folder's class count; None if unknown (shards)."""
+        if self.cfg.get("num_classes") is not None:
+            return int(self.cfg.num_classes)
+        return len(self._classes) if self._classes is not None else None
+
+    @property
+    def img_size(self) -> int:
+        return int(self.cfg.img_size)
+
+
+def build_datamodule(
+    dataset_cfg: DictConfig | Mapping[str, Any],
+    train_transform: SampleTransform,
+    eval_transform: SampleTransform,
+    batch_size: int,
+    num_workers: int,
+) -> ImageDataModule:
+    """Build and validate the data module for ``conf/dataset/<name>.yaml``."""
+    cfg = dataset_cfg if isinstance(dataset_cfg, DictConfig) else OmegaConf.create(dict(dataset_cfg))
+    return ImageDataModule(cfg, train_transform, eval_transform, batch_size, num_workers)

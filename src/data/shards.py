@@ -1,0 +1,181 @@
+"""WebDataset tar shards (``<key>.png|jpg`` + optional ``<key>.cls``) read and decoded in DataLoader workers.
+
+Failure policy, so one bad file never ends a long run:
+- an undecodable or image-less sample becomes None (dropped and counted by ``collate_skipping``),
+  with a warning naming the shard and key;
+- a truncated or corrupt tar ends that shard with a warning naming it (and how many samples it gave);
+  reading goes on with the next shard. A tar cut exactly at a member boundary is indistinguishable
+  from a shorter valid tar and reads without a warning.
+
+An IterableDataset has no natural epoch when shards are cycled, so with ``repeat=True`` each epoch is
+``num_samples`` over all ranks, split between DataLoader workers in whole batches; ``len()`` then
+matches the batches Lightning sees.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset
+
+from src.data.folder import DECODE_ERRORS, load_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
+# Errors from opening/reading a tar stream: truncation, bad headers, gzip damage, duplicate members.
+SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
+
+
+def expand_shards(urls: str | Sequence[str], key: str) -> list[str]:
+    """Brace-expand ``urls`` and check that local shards exist; errors name the config ``key``."""
+    patterns = [urls] if isinstance(urls, str) else [str(u) for u in urls]
+    shards = [shard for pattern in patterns for shard in wds.shardlists.expand_urls(pattern)]
+    if not shards:
+        raise ValueError(f"{key}: {urls!r} expands to no shards")
+    for shard in shards:
+        is_remote = "://" in shard or shard.startswith("pipe:")
+        if not is_remote and not Path(shard).is_file():
+            raise FileNotFoundError(f"{key}: shard {shard} does not exist (from {urls!r})")
+    return shards
+
+
+def worker_quota(total: int, batch_size: int, num_workers: int, worker: int) -> int:
+    """Samples ``worker`` yields so that round-robin batches over all workers add up to ``total``.
+
+    ``total`` is cut into batch-sized chunks dealt to workers in turn (the DataLoader's fetch order),
+    so each worker's stream splits into exactly its share of full batches.
+    """
+    full, rest = divmod(total, batch_size)
+    quota = (full // num_workers + (worker < full % num_workers)) * batch_size
+    return quota + (rest if worker == full % num_workers else 0)
+
+
+class ShardDataset(IterableDataset):
+    """Samples from tar shards through a sample transform (adds "label", -1 without ``.cls``).
+
+    ``repeat=False``: one pass, at most ``num_samples`` (all if None). ``repeat=True``: cycle the
+    shards and end each epoch after ``num_samples`` over all ranks (rounded down to whole batches).
+    ``split_by_node`` gives each rank its own shards (training); evaluation reads all on every rank.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        transform: Callable[[Image.Image], dict[str, torch.Tensor]],
+        *,
+        key: str = "dataset.train_urls",
+        num_samples: int | None = None,
+        repeat: bool = False,
+        split_by_node: bool = False,
+        shuffle_buffer: int = 0,
+        batch_size: int = 1,
+    ) -> None:
+        if repeat and num_samples is None:
+            raise ValueError("repeat=True needs num_samples (dataset.samples_per_epoch) to end an epoch")
+        self.shards = expand_shards(urls, key)
+        self.transform = transform
+        self.num_samples = num_samples
+        self.repeat = repeat
+        self.split_by_node = split_by_node
+        self.shuffle_buffer = shuffle_buffer
+        self.batch_size = batch_size
+
+    def _rank_total(self, world_size: int) -> int:
+        assert self.num_samples is not None
+        if not self.repeat:
+            return self.num_samples
+        per_rank = self.num_samples // world_size if self.split_by_node else self.num_samples
+        return per_rank // self.batch_size * self.batch_size
+
+    def __len__(self) -> int:
+        """Samples per epoch on this rank; TypeError (= unknown to Lightning) for an unbounded pass."""
+        if self.num_samples is None:
+            raise TypeError("a single pass over shards has no known length")
+        return self._rank_total(wds.utils.pytorch_worker_info()[1])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor] | None]:
+        rank, world_size, worker, num_workers = wds.utils.pytorch_worker_info()
+        quota = None
+        if self.num_samples is not None:
+            quota = worker_quota(self._rank_total(world_size), self.batch_size, num_workers, worker)
+        # Drawn from torch's RNG: differs per worker and per epoch, reproducible under seed_everything.
+        seed = int(torch.randint(2**31, ()).item())
+        produced = 0
+        while quota is None or produced < quota:
+            in_pass = 0
+            for sample in self._one_pass(seed + produced):
+                if quota is not None and produced >= quota:
+                    return
+                yield sample
+                produced += 1
+                in_pass += 1
+            if not self.repeat:
+                return
+            if in_pass == 0:
+                raise RuntimeError(
+                    f"rank {rank}/{world_size} worker {worker}/{num_workers} got no samples in a full pass over "
+                    f"its share of {len(self.shards)} shards: they are all unreadable, or there are fewer "
+                    "shards than ranks x workers (write more, smaller shards)"
+                )
+
+    def _one_pass(self, seed: int) -> wds.DataPipeline:
+        stages: list = [wds.SimpleShardList(self.shards)]
+        if self.split_by_node:
+            stages.append(wds.split_by_node)
+        stages.append(wds.split_by_worker)
+        if self.shuffle_buffer > 0:
+            stages.append(wds.shuffle(len(self.shards), initial=len(self.shards), seed=seed))
+        stages.append(_read_shards)
+        if self.shuffle_buffer > 0:
+            stages.append(wds.shuffle(self.shuffle_buffer, seed=seed + 1))
+        stages.append(self._decode_samples)
+        return wds.DataPipeline(*stages)
+
+    def _decode_samples(self, samples: Iterator[dict]) -> Iterator[dict[str, torch.Tensor] | None]:
+        for sample in samples:
+            yield self._decode(sample)
+
+    def _decode(self, sample: dict) -> dict[str, torch.Tensor] | None:
+        where = f"shard {sample['__url__']} key {sample['__key__']}"
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            log.warning("skipping sample without an image (%s) in %s", "/".join(IMAGE_EXTENSIONS), where)
+            return None
+        try:
+            img = load_image(io.BytesIO(sample[ext]))
+            label = int(sample["cls"]) if "cls" in sample else -1
+        except DECODE_ERRORS as exc:
+            log.warning("skipping undecodable sample in %s: %s", where, exc)
+            return None
+        out = self.transform(img)
+        out["label"] = torch.tensor(label, dtype=torch.long)
+        return out
+
+
+def _read_shards(shards: Iterator[dict]) -> Iterator[dict]:
+    """webdataset's tar reader, one shard at a time, so a broken shard ends only itself."""
+    for shard in shards:
+        url, count = shard["url"], 0
+        try:
+            for sample in wds.tarfile_samples([{"url": url}]):
+                yield sample
+                count += 1
+        except SHARD_ERRORS as exc:
+            # webdataset appends " @ <file object>" to the message; the shard is named below anyway
+            reason = str(exc.args[0]).split(" @ <")[0] if exc.args else ""
+            log.warning(
+                "shard %s is truncated or corrupt (%s: %s) after %d samples; continuing with the next shard",
+                url,
+                type(exc).__name__,
+                reason,
+                count,
+            )

@@ -1,0 +1,31 @@
+"""Fixed 2-D sine-cosine position embeddings, laid out as the official MAE code lays them out."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(N,) positions -> (N, dim): [sin | cos] with omega_i = 1 / 10000^(i / (dim/2))."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {dim}")
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    angles = positions.double().reshape(-1, 1) * omega.reshape(1, -1)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def sincos_2d(dim: int, grid: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+    """(prefix + h*w, dim) table; the first dim/2 channels encode the column index.
+
+    The official MAE code builds its grid from meshgrid(w, h) and feeds the first plane (the
+    column index) to the first half; keeping that order keeps official checkpoints compatible.
+    Prefix (cls) rows are zero.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
+    emb = torch.cat([torch.zeros(num_prefix_tokens, dim, dtype=emb.dtype), emb], dim=0)
+    return emb.float()
