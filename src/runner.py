@@ -95,7 +95,7 @@ def pretrain(cfg: DictConfig) -> RunResult:
     )
     knn = KNNMonitor(cfg.knn.every_n_epochs, cfg.knn.k, cfg.knn.temperature)
     loggers = build_loggers(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, [checkpointing, pictures, knn], loggers)
+    trainer = build_trainer(cfg, run_dir, [checkpointing, pictures, knn, *module.callbacks(cfg)], loggers)
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

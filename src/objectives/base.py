@@ -70,6 +70,10 @@ class PretrainModule(L.LightningModule):
         """An image grid (3, H, W) in [0, 1] showing what the objective does, or None."""
         return None
 
+    def callbacks(self, cfg: DictConfig) -> list[L.Callback]:
+        """Objective-specific callbacks added by the runner (e.g. tokenizer pictures)."""
+        return []
+
     def export(self, out_dir: Path) -> dict[str, Path]:
         """Write the encoder in timm naming as safetensors; objectives add their own formats."""
         out_dir.mkdir(parents=True, exist_ok=True)
