@@ -99,10 +99,12 @@ def pretrain(cfg: DictConfig) -> RunResult:
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    final = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(final)  # a max_steps stop mid-interval would otherwise lose the last steps
 
     result = RunResult(
         run_dir=run_dir,
-        checkpoint=Path(checkpointing.last_model_path) if checkpointing.last_model_path else ckpt_path,
+        checkpoint=final,
         pictures=run_dir / "pictures" if pictures.saved else None,
         wandb_dir=wandb_run_dir(loggers) if trainer.is_global_zero else None,
         metrics={k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1} | knn.last,

@@ -1,0 +1,164 @@
+"""The front door end to end, in real processes: config errors, a run with its outputs, kill-and-resume, DDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import REPO, TINY
+
+MAE_LIGHT = ["objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4"]
+
+
+def run_cli(args: list[str], timeout: int = 240, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "src.pretrain", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def last_step(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        (["objective.mask_ratio=1.5"], "objective.mask_ratio"),
+        (["encoder=vit_x"], "vit_x"),
+        (["dataset.img_size=30"], "dataset.img_size"),
+        (["dataset=image_folder", "dataset.root=/nonexistent/photos"], "/nonexistent/photos"),
+        (["dataset=image_folder"], "dataset.root"),
+        (["objective.mask_ratoi=0.5"], "mask_ratoi"),
+    ],
+)
+def test_bad_config_fails_before_training_naming_the_key(tmp_path, override, named):
+    result = run_cli([*TINY, f"runs_dir={tmp_path}", *override], timeout=120)
+    assert result.returncode != 0
+    assert named in result.stderr + result.stdout
+    assert not list(tmp_path.glob("*/checkpoints"))  # nothing trained
+
+
+def test_cfg_job_prints_the_composed_config():
+    result = run_cli(["objective=mae", "encoder=vit_l", "--cfg", "job"], timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "arch: mim_vit_large_patch16" in result.stdout and "mask_ratio: 0.75" in result.stdout
+
+
+def test_run_writes_checkpoint_exports_pictures_and_offline_wandb(tmp_path):
+    args = [*TINY, *MAE_LIGHT, f"runs_dir={tmp_path}", "run_name=full", "logger=wandb", "pictures.every_n_steps=2"]
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "full"
+    assert "run finished at step 4" in result.stdout
+    assert last_step(run / "checkpoints" / "last.ckpt") == 4
+    assert list((run / "pictures").glob("step*.png"))
+    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert offline and offline[0].stat().st_size > 0
+    assert "knn/top1" in result.stdout
+    # the exported encoder loads strictly into timm's own ViT (same sizes as the run)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=4,
+        depth=2,
+        checkpoint_path=str(run / "export" / "encoder.safetensors"),
+    )
+    from safetensors.torch import load_file
+
+    exported = load_file(str(run / "export" / "encoder.safetensors"))
+    assert torch.equal(vit.blocks[1].mlp.fc2.weight, exported["blocks.1.mlp.fc2.weight"])
+    official = torch.load(run / "export" / "mae_full_official.pth", weights_only=True)["model"]
+    assert "decoder_pred.weight" in official and "blocks.0.attn.qkv.weight" in official
+
+
+def test_export_of_vit_b_loads_into_timm_vit_base_patch16_224(tmp_path):
+    from src.objectives.mae import MAE
+
+    encoder = timm.create_model("mim_vit_base_patch16", img_size=224, num_classes=0)
+    module = MAE(
+        encoder,
+        224,
+        {"base_lr": 1e-4, "reference_batch": 256, "betas": [0.9, 0.95], "weight_decay": 0.05},
+        batch_size=2,
+        warmup_epochs=1,
+        decoder_depth=1,
+    )
+    paths = module.export(tmp_path)
+    vit = timm.create_model(
+        "vit_base_patch16_224", pretrained=False, num_classes=0, checkpoint_path=str(paths["encoder"])
+    )
+    assert torch.equal(vit.pos_embed, encoder.pos_embed)
+
+
+def test_killed_run_resumes_at_the_same_step(tmp_path):
+    args = [*TINY, *MAE_LIGHT, f"runs_dir={tmp_path}", "run_name=killed", "epochs=50", "checkpoint_every_n_steps=2"]
+    ckpt = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "src.pretrain", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (ckpt.is_file() and last_step(ckpt) >= 6):
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed_at = last_step(ckpt)
+    assert killed_at >= 6 and killed_at % 2 == 0
+    assert not list(ckpt.parent.glob(".*.tmp"))  # atomic writes leave no partial file behind
+
+    result = run_cli([*args, "resume=true", f"trainer.max_steps={killed_at + 3}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in result.stdout + result.stderr
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["global_step"] == killed_at + 3
+    # the lr schedule continued rather than restarting: it has stepped once per optimizer step in total
+    assert state["lr_schedulers"][0]["last_epoch"] == killed_at + 3
+
+
+def test_resume_false_refuses_to_overwrite(tmp_path):
+    args = [*TINY, *MAE_LIGHT, f"runs_dir={tmp_path}", "run_name=once", "trainer.max_steps=1", "export=false"]
+    assert run_cli(args).returncode == 0
+    again = run_cli([*args, "resume=false"], timeout=120)
+    assert again.returncode != 0 and "resume" in again.stderr
+
+
+def test_two_process_ddp_run_on_cpu(tmp_path):
+    args = [
+        *TINY,
+        *MAE_LIGHT,
+        f"runs_dir={tmp_path}",
+        "run_name=ddp",
+        "trainer=cpu_ddp",
+        "trainer.devices=2",
+        "dataset.train_limit=128",
+    ]
+    result = run_cli(args, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out
+    # 128 images over 2 ranks at 16 per device: 4 optimizer steps, one shared run folder
+    assert last_step(tmp_path / "ddp" / "checkpoints" / "last.ckpt") == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
