@@ -169,3 +169,30 @@ def test_mae_init_follows_the_official_recipe():
     assert torch.all(enc.blocks[0].attn.qkv.bias == 0)
     assert 0.01 < enc.cls_token.std() < 0.03 and 0.01 < model.mask_token.std() < 0.03
     assert not enc.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+
+
+def test_attention_runs_through_fused_sdpa(monkeypatch):
+    model = tiny_mae()
+    blocks = [*model.encoder.blocks, *model.decoder_blocks]
+    assert all(block.attn.fused_attn for block in blocks)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
+    model.compute_loss({"image": torch.randn(1, 3, 32, 32)})
+    assert len(calls) == len(blocks)
+
+
+def test_full_input_path_encodes_mask_tokens_and_keeps_the_loss_on_removed_patches():
+    encoder = timm.create_model(
+        "mim_vit_tiny_patch16", img_size=32, patch_size=4, depth=2, num_classes=0, mask_token=True
+    )
+    model = MAE(encoder, 32, OPTIM, 4, 1, decoder_dim=64, decoder_depth=1, decoder_heads=4, token_drop=False)
+    assert not model.token_drop and model.decoder_prefix == 0
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    pred, mask = model.encode_and_decode(images, noise)
+    assert pred.shape == (2, 64, 48) and mask.sum() == 96
+    loss, _ = model.compute_loss({"image": images}, noise=noise)
+    loss.backward()
+    assert encoder.mask_token.grad is not None and encoder.mask_token.grad.abs().sum() > 0

@@ -85,6 +85,11 @@ def test_run_writes_checkpoint_exports_pictures_and_offline_wandb(tmp_path):
     assert torch.equal(vit.blocks[1].mlp.fc2.weight, exported["blocks.1.mlp.fc2.weight"])
     official = torch.load(run / "export" / "mae_full_official.pth", weights_only=True)["model"]
     assert "decoder_pred.weight" in official and "blocks.0.attn.qkv.weight" in official
+    # the export command rebuilds the run from its saved config and writes the same weights
+    from src.export import export_run
+
+    again = load_file(str(export_run(run, out_dir=tmp_path / "again")["encoder"]))
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
 
 
 def test_export_of_vit_b_loads_into_timm_vit_base_patch16_224(tmp_path):

@@ -24,6 +24,7 @@ from src.encoders import create_encoder
 from src.encoders.base import MaskedEncoder
 from src.masking import random_masking
 from src.objectives.base import PretrainModule
+from src.objectives.grid import target_layout, tokens_to_target_grid
 from src.pos_embed import sincos_2d
 
 
@@ -65,6 +66,7 @@ class MAE(PretrainModule):
         warmup_epochs: float,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
+        token_drop: bool = True,
         target_patch: int | None = None,
         decoder_dim: int = 512,
         decoder_depth: int = 8,
@@ -74,16 +76,12 @@ class MAE(PretrainModule):
         self.save_hyperparameters(ignore=["encoder"])
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.target_patch = target_patch or encoder.patch_size
-        if encoder.patch_size % self.target_patch:
-            raise ValueError(
-                f"objective.target_patch={self.target_patch} must divide the encoder's patch size {encoder.patch_size}"
-            )
-        self.sub = encoder.patch_size // self.target_patch  # target patches per output token side
-        self.out_grid = encoder.grid_size(img_size)
-        self.target_grid = (self.out_grid[0] * self.sub, self.out_grid[1] * self.sub)
-        prefix = encoder.num_prefix_tokens if encoder.supports_token_drop else 0
-        self.decoder_prefix = prefix
+        layout = target_layout(encoder, img_size, target_patch)
+        self.target_patch, self.sub = layout.target_patch, layout.sub  # sub: target patches per output token side
+        self.out_grid, self.target_grid = layout.out_grid, layout.target_grid
+        # Encode only visible patches where the encoder can (ViT); otherwise mask tokens over the full grid.
+        self.token_drop = token_drop and encoder.supports_token_drop and self.sub == 1
+        self.decoder_prefix = encoder.num_prefix_tokens if self.token_drop else 0
 
         self.decoder_embed = nn.Linear(encoder.num_features, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
@@ -102,13 +100,14 @@ class MAE(PretrainModule):
         with torch.device("meta"):  # learn the encoder's traits without allocating it
             probe = create_encoder(cfg.encoder, img)
         check_grid(probe, img)
-        drops_tokens = probe.supports_token_drop and o.target_patch in (None, probe.patch_size)
+        drops_tokens = o.token_drop and probe.supports_token_drop and o.target_patch in (None, probe.patch_size)
         encoder = create_encoder(cfg.encoder, img, **({} if drops_tokens else {"mask_token": True}))
         return cls(
             encoder,
             img,
             mask_ratio=o.mask_ratio,
             norm_pix_loss=o.norm_pix_loss,
+            token_drop=o.token_drop,
             target_patch=o.target_patch,
             decoder_dim=o.decoder_dim,
             decoder_depth=o.decoder_depth,
@@ -136,8 +135,8 @@ class MAE(PretrainModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (pred (B, L, p*p*3) on the target grid, mask (B, L) with 1 = removed)."""
         b = images.shape[0]
-        if self.encoder.supports_token_drop and self.sub == 1:
-            m = random_masking(b, self.num_target_patches, self.mask_ratio, images.device, noise)
+        m = random_masking(b, self.num_target_patches, self.mask_ratio, images.device, noise)
+        if self.token_drop:
             latent = self.decoder_embed(self.encoder.forward_visible(images, m.ids_keep))
             prefix, visible = latent[:, : self.decoder_prefix], latent[:, self.decoder_prefix :]
             fill = self.mask_token.expand(b, self.num_target_patches - visible.shape[1], -1).to(visible.dtype)
@@ -145,7 +144,6 @@ class MAE(PretrainModule):
             tokens = torch.gather(tokens, 1, m.ids_restore.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
             x = torch.cat([prefix, tokens], dim=1)
         else:
-            m = random_masking(b, self.num_target_patches, self.mask_ratio, images.device, noise)
             mask_grid = m.mask.bool().reshape(b, *self.target_grid)
             latent = self.encoder.forward_mask_token(images, mask_grid)[:, self.encoder.num_prefix_tokens :]
             x = self.decoder_embed(latent)
@@ -157,11 +155,7 @@ class MAE(PretrainModule):
 
     def _to_target_grid(self, pred: torch.Tensor) -> torch.Tensor:
         """(B, out_h*out_w, r*r*p*p*3) -> (B, (out_h*r)*(out_w*r), p*p*3) in row-major target order."""
-        if self.sub == 1:
-            return pred
-        b, (h, w), r = pred.shape[0], self.out_grid, self.sub
-        pred = pred.reshape(b, h, w, r, r, -1).permute(0, 1, 3, 2, 4, 5)
-        return pred.reshape(b, h * r * w * r, -1)
+        return tokens_to_target_grid(pred, self.out_grid, self.sub)
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
         target = patchify(images, self.target_patch)
