@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from functools import partial
+from typing import Any
 
 import pytest
 import timm
@@ -10,6 +12,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch.utils.flop_counter import FlopCounterMode
 
+import src.benchmark as benchmark
 import src.encoders.pale as pale
 from src.encoders.pale import PaleAttention, PaleTransformer, pale_column_attention, pale_row_attention
 
@@ -34,16 +37,20 @@ def naive_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: i
     return (attn @ heads(v)).transpose(1, 2).reshape(batch, height, width, chans)
 
 
-# (H, W, pale size): square divisible, non-square, padded on both axes, map smaller than the pale, mixed
-SIZES = [(14, 14, 7), (14, 21, 7), (9, 13, 4), (3, 5, 7), (25, 11, 7)]
+# (H, W, pale size): square and non-square divisible, padded on both axes (10 -> 3 groups of 4, 13 -> 4 of 4),
+# map smaller than the pale (full attention), padded with 7 (25 -> 4 groups of 7, 11 -> 2 of 6)
+SIZES = [(14, 14, 7), (14, 21, 7), (10, 13, 4), (3, 5, 7), (25, 11, 7)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("axis", ["row", "column"])
 @pytest.mark.parametrize(("height", "width", "pale_size"), SIZES)
-def test_branch_matches_naive_forward_and_backward(axis: str, height: int, width: int, pale_size: int) -> None:
+def test_branch_matches_naive_forward_and_backward(
+    axis: str, height: int, width: int, pale_size: int, dtype: torch.dtype
+) -> None:
     torch.manual_seed(0)
     num_heads = 2
-    qkv = [torch.randn(2, height, width, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    qkv = [torch.randn(2, height, width, 8, dtype=dtype, requires_grad=True) for _ in range(3)]
     fast_fn = pale_row_attention if axis == "row" else pale_column_attention
     fast = fast_fn(*qkv, num_heads, pale_size)
     ref = naive_branch(*qkv, num_heads, pale_size, axis)
@@ -189,9 +196,10 @@ def test_reset_classifier() -> None:
 def test_no_weight_decay_group_matcher_and_layer_decay() -> None:
     model = timm.create_model("pale_tiny_224", mask_token=True, **TINY)
     assert "mask_token" in model.no_weight_decay()
-    for coarse, num_groups in [(True, 1 + 4 + 1), (False, 1 + 5 + 1)]:  # stem, stages or blocks, norm/head
+    # stem + mask token, then 4 stages or 5 blocks (a downsample joins its stage's first block), then the rest
+    for coarse, num_groups in [(True, 1 + 4 + 1), (False, 1 + 5 + 1)]:
         groups = timm.models.group_parameters(model, model.group_matcher(coarse=coarse))
-        assert len(groups) >= num_groups - 1
+        assert len(groups) == num_groups
         assert sum(len(names) for names in groups.values()) == len(list(model.parameters()))
         assert "mask_token" in groups[min(groups)]  # mask token decays like the stem
     optimizer = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
@@ -245,20 +253,20 @@ def test_forward_pooled() -> None:
         torch.testing.assert_close(model.forward_pooled(x), model.forward_features(x).mean(dim=(1, 2)))
 
 
-@pytest.mark.parametrize("cell", [4, 16, 32])
-def test_mask_token_path(cell: int) -> None:
+@pytest.mark.parametrize(("height", "width", "cell"), [(64, 96, 4), (64, 96, 16), (64, 96, 32), (100, 132, 4)])
+def test_mask_token_path(height: int, width: int, cell: int) -> None:
     torch.manual_seed(0)
     model = timm.create_model("pale_tiny_224", mask_token=True, **TINY).eval()
-    x = torch.randn(2, 3, 64, 96)
-    mask = torch.zeros(2, 64 // cell, 96 // cell, dtype=torch.bool)
+    x = torch.randn(2, 3, height, width)
+    mask = torch.zeros(2, height // cell, width // cell, dtype=torch.bool)
     with torch.no_grad():
         unmasked = model.forward_mask_token(x, mask)
         torch.testing.assert_close(unmasked, model.forward_features(x).flatten(1, 2))  # row-major (B, L, D)
-        assert unmasked.shape == (2, 2 * 3, 256)
+        assert unmasked.shape == (2, math.ceil(height / 32) * math.ceil(width / 32), 256)
         mask[0, 0, 0] = True
         partly = model.forward_mask_token(x, mask)
-        assert not torch.allclose(partly[0], unmasked[0])  # masked patch changes the output
-        torch.testing.assert_close(partly[1], unmasked[1])  # per-sample: the other image is untouched
+        assert not torch.allclose(partly[0], unmasked[0])  # a masked patch changes the output
+        torch.testing.assert_close(partly[1], unmasked[1])  # per sample: the other image is untouched
         full = torch.ones_like(mask)
         a = model.forward_mask_token(x, full)
         b = model.forward_mask_token(torch.randn_like(x), full)
@@ -288,3 +296,31 @@ def test_mask_errors() -> None:
     assert no_token.mask_token is None
     with pytest.raises(RuntimeError, match="mask_token=True"):
         no_token.forward_mask_token(x, torch.zeros(2, 4, 4, dtype=torch.bool))
+
+
+def test_benchmark_baseline_computes_the_same_attention() -> None:
+    """The benchmark's naive masked global attention is a fair baseline: same outputs as PS-Attention."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 9, 12, 8, dtype=torch.float64) for _ in range(3))
+    for axis, fast in [("row", pale_row_attention), ("column", pale_column_attention)]:
+        mask = benchmark.pale_rule_mask(9, 12, 4, axis, torch.device("cpu"))
+        torch.testing.assert_close(benchmark.masked_global_attention(q, k, v, 2, mask), fast(q, k, v, 2, 4))
+
+
+def test_benchmark_sections_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both built-in sections are registered; ps_attention renders its table (measured in-process here)."""
+    assert {"pale_vs_swin", "ps_attention"} <= set(benchmark.SECTIONS)
+
+    def in_process(setup: benchmark.StepSetup, args: Any) -> benchmark.Measurement:
+        return benchmark.measure_in_process(setup, args.device, args.steps, args.warmup, args.threads)
+
+    monkeypatch.setattr(benchmark, "measure", in_process)
+    benchmark.main(["--sections", "ps_attention", "--attn-sizes", "32", "--steps", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert "| 32 | 8x8 | 32+32 | 64 |" in out and "memory naive/pale" in out
+
+
+def test_benchmark_measure_in_fresh_process() -> None:
+    args = benchmark.parse_args(["--steps", "1", "--warmup", "0", "--device", "cpu"])
+    result = benchmark.measure(partial(benchmark.attention_step, "pale", 8, 1, 16, 2, 7), args)
+    assert result.seconds > 0 and result.cpu_seconds > 0 and result.peak_bytes >= 0

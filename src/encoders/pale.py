@@ -31,7 +31,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .base import MaskedEncoder
+from src.encoders.base import MaskedEncoder
 
 __all__ = ["PaleTransformer", "pale_row_attention", "pale_column_attention"]
 
@@ -52,7 +52,8 @@ def pale_row_attention(
     """Row branch on (B, H, W, C) q/k/v: token (h, w) attends to every (h', w') with h' = h (mod G_r).
 
     Row ``h = i * G + g`` (line ``i`` of group ``g``): a view to (B, lines, G, W, ...) and a permute bring
-    each group's tokens together; no gather, no loop over groups. Returns (B, H, W, C).
+    each group's tokens together; no gather, no loop over groups. SDPA's default scale is head_dim ** -0.5
+    with head_dim = C / num_heads here, i.e. the model's C / total heads. Returns (B, H, W, C).
     """
     batch, height, width, chans = q.shape
     head_dim = chans // num_heads
@@ -189,7 +190,7 @@ class PaleStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
+        if self.grad_checkpointing:
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)
             return x
@@ -278,12 +279,10 @@ class PaleTransformer(MaskedEncoder):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """The mask token is an embedding; norms and biases are excluded by timm's optimizer factory."""
         return {"mask_token"}
 
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise lr decay: stage-wise (coarse) or block-wise."""
         return dict(
@@ -297,12 +296,11 @@ class PaleTransformer(MaskedEncoder):
             ],
         )
 
-    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward; with qkv_norm='batchnorm' running stats then update twice."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 

@@ -9,7 +9,7 @@ from functools import partial
 import timm
 import torch
 
-from src.benchmark import Table, _mib, _ratio, measure, memory_kind, section
+from src.benchmark import Table, format_mib, format_ratio, measure, memory_kind, section
 from src.objectives.mae import MAE
 
 OPTIM = {"base_lr": 1.5e-4, "reference_batch": 256, "betas": [0.9, 0.95], "weight_decay": 0.05}
@@ -42,7 +42,7 @@ def mae_token_drop(args: argparse.Namespace) -> Table:
             "visible only (token dropping)" if drop else "full input (mask tokens)",
             f"{args.batch_size / r.seconds:.2f}",
             f"{args.batch_size / r.cpu_seconds:.2f}",
-            _mib(r.peak_bytes),
+            format_mib(r.peak_bytes),
         ]
         for drop, r in results.items()
     ]
@@ -50,9 +50,9 @@ def mae_token_drop(args: argparse.Namespace) -> Table:
     rows.append(
         [
             "speed-up / memory ratio",
-            _ratio(full.seconds, dropped.seconds),
-            _ratio(full.cpu_seconds, dropped.cpu_seconds),
-            _ratio(dropped.peak_bytes, full.peak_bytes),
+            format_ratio(full.seconds, dropped.seconds),
+            format_ratio(full.cpu_seconds, dropped.cpu_seconds),
+            format_ratio(dropped.peak_bytes, full.peak_bytes),
         ]
     )
     return Table(

@@ -1,0 +1,356 @@
+"""``python -m src.benchmark``: side-by-side speed and memory tables, printed as Markdown.
+
+Sections are registered functions ``(args) -> Table``. To add one, put ``@section("name", "what it compares")``
+on a function in any ``src/**/bench_*.py`` module: those modules are imported before the sections run, so no
+edit here is needed. ``measure`` runs a step in a fresh process and returns seconds per step and peak memory:
+CUDA's ``max_memory_allocated`` on a GPU, the growth of the process's max RSS on CPU (a fresh process per
+measurement, so one measurement's peak cannot hide the next one's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import src.encoders.pale  # noqa: F401  (registers pale_* with timm)
+from src.encoders.pale import pale_column_attention, pale_groups, pale_row_attention
+
+StepSetup = Callable[[torch.device], Callable[[], None]]
+
+
+@dataclass
+class Table:
+    """One section's output: a Markdown table plus notes on what was measured."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |"]
+        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines + [""] + [f"- {note}" for note in self.notes])
+
+
+@dataclass
+class Section:
+    fn: Callable[[argparse.Namespace], Table]
+    help: str
+
+
+SECTIONS: dict[str, Section] = {}
+
+
+def section(name: str, help: str) -> Callable[[Callable[[argparse.Namespace], Table]], Callable]:
+    """Register a benchmark section under ``name`` (the ``--sections`` key)."""
+
+    def register(fn: Callable[[argparse.Namespace], Table]) -> Callable[[argparse.Namespace], Table]:
+        if name in SECTIONS:
+            raise ValueError(f"benchmark section {name!r} is registered twice")
+        SECTIONS[name] = Section(fn, help)
+        return fn
+
+    return register
+
+
+def discover_sections() -> None:
+    """Import every ``src/**/bench_*.py`` so that their ``@section`` registrations run."""
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("bench_*.py")):
+        importlib.import_module(".".join(("src", *path.relative_to(root).with_suffix("").parts)))
+
+
+@dataclass
+class Measurement:
+    seconds: float  # wall clock per step
+    cpu_seconds: float  # this process's CPU time per step: robust to other load on a shared CPU
+    peak_bytes: int
+
+
+def measure_in_process(setup: StepSetup, device_name: str, steps: int, warmup: int, threads: int | None) -> Measurement:
+    """The measurement itself; ``measure`` runs it in a fresh process so that peaks do not mix."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    step = setup(device)
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    peak = (
+        torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return Measurement(seconds / steps, cpu_seconds / steps, peak - base)
+
+
+def measure(setup: StepSetup, args: argparse.Namespace) -> Measurement:
+    """Time ``args.steps`` calls of the step ``setup`` builds (after ``args.warmup``) in a fresh process.
+
+    ``setup`` must be picklable (a module-level function or a ``functools.partial`` of one). Peak memory
+    counts everything the setup and the steps allocate: model, optimizer state, inputs, activations.
+    """
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(measure_in_process, setup, args.device, args.steps, args.warmup, args.threads).result()
+
+
+def memory_kind(device: str) -> str:
+    """Say in each table which memory figure it shows."""
+    if torch.device(device).type == "cuda":
+        return "peak memory = torch.cuda.max_memory_allocated minus what was allocated before the setup"
+    return "peak memory = growth of the process's max RSS (fresh process per measurement)"
+
+
+def format_mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def format_ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "n/a"
+
+
+def train_step(arch: str, batch: int, img_size: int, device: torch.device) -> Callable[[], None]:
+    """Forward, cross-entropy, backward and AdamW step of a 1000-class timm model on random data."""
+    model = timm.create_model(arch, num_classes=1000, img_size=img_size).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
+    labels = torch.randint(0, 1000, (batch,), device=device)
+
+    def step() -> None:
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+@section("pale_vs_swin", "training step: Pale-T vs timm's Swin-T, same batch and resolution")
+def pale_vs_swin(args: argparse.Namespace) -> Table:
+    models = [("Pale-T", "pale_tiny_224"), ("Swin-T", "swin_tiny_patch4_window7_224")]
+    rows, results = [], []
+    for label, arch in models:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in timm.create_model(arch, img_size=args.img_size).parameters())
+        result = measure(partial(train_step, arch, args.batch_size, args.img_size), args)
+        results.append(result)
+        rows.append(
+            [
+                label,
+                arch,
+                f"{params / 1e6:.1f}",
+                f"{args.batch_size / result.seconds:.2f}",
+                f"{args.batch_size / result.cpu_seconds:.2f}",
+                format_mib(result.peak_bytes),
+            ]
+        )
+    pale, swin = results
+    rows.append(
+        [
+            "Pale-T / Swin-T",
+            "",
+            format_ratio(float(rows[0][2]), float(rows[1][2])),
+            format_ratio(swin.seconds, pale.seconds),
+            format_ratio(swin.cpu_seconds, pale.cpu_seconds),
+            format_ratio(pale.peak_bytes, swin.peak_bytes),
+        ]
+    )
+    return Table(
+        f"Training step, batch {args.batch_size}, {args.img_size} px, {args.device}",
+        ["model", "timm arch", "params (M)", "images/s (wall)", "images per CPU-s", "peak MiB"],
+        rows,
+        [
+            "step = forward + cross-entropy + backward + AdamW, fp32, timm defaults of each model; "
+            f"{args.steps} timed steps after {args.warmup} warm-up",
+            memory_kind(args.device),
+            "ratio row: Pale-T divided by Swin-T (above 1: Pale-T has more params, is faster, needs more memory)",
+        ],
+    )
+
+
+def pale_rule_mask(height: int, width: int, pale_size: int, axis: str, device: torch.device) -> torch.Tensor:
+    """(HW, HW) bool: (h, w) may attend (h', w') iff they share a row group (axis 'row') or column group."""
+    rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    coord = (rows if axis == "row" else cols).flatten()
+    groups, _ = pale_groups(height if axis == "row" else width, pale_size)
+    return coord[:, None] % groups == coord[None, :] % groups
+
+
+def masked_global_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, mask: torch.Tensor
+) -> torch.Tensor:
+    """The naive form: attention over all H*W tokens of (B, H, W, C) q/k/v, restricted by ``mask``."""
+    batch, height, width, chans = q.shape
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, height * width, num_heads, chans // num_heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+    return out.transpose(1, 2).reshape(batch, height, width, chans)
+
+
+def attention_step(
+    impl: str, size: int, batch: int, dim: int, num_heads: int, pale_size: int, device: torch.device
+) -> Callable[[], None]:
+    """Forward and backward of both PS-Attention branches on a ``size`` x ``size`` map (no projections)."""
+    q, k, v = (torch.randn(batch, size, size, dim, device=device, requires_grad=True) for _ in range(3))
+    upstream = torch.randn(batch, size, size, dim, device=device)
+    half, heads = dim // 2, num_heads // 2
+    if impl == "pale":
+        row_fn = partial(pale_row_attention, num_heads=heads, pale_size=pale_size)
+        col_fn = partial(pale_column_attention, num_heads=heads, pale_size=pale_size)
+    else:
+        row_mask = pale_rule_mask(size, size, pale_size, "row", device)
+        col_mask = pale_rule_mask(size, size, pale_size, "column", device)
+        row_fn = partial(masked_global_attention, num_heads=heads, mask=row_mask)
+        col_fn = partial(masked_global_attention, num_heads=heads, mask=col_mask)
+
+    def step() -> None:
+        rows = row_fn(q[..., :half], k[..., :half], v[..., :half])
+        cols = col_fn(q[..., half:], k[..., half:], v[..., half:])
+        torch.cat([rows, cols], dim=-1).backward(upstream)
+        q.grad = k.grad = v.grad = None
+
+    return step
+
+
+@section("ps_attention", "PS-Attention (grouped) vs naive masked global attention, Pale-T stage 1")
+def ps_attention(args: argparse.Namespace) -> Table:
+    dim, num_heads, pale_size = 64, 2, 7  # Pale-T stage 1
+    rows = []
+    for img in args.attn_sizes:
+        size = img // 4
+        pale = measure(partial(attention_step, "pale", size, args.attn_batch, dim, num_heads, pale_size), args)
+        naive = measure(partial(attention_step, "naive", size, args.attn_batch, dim, num_heads, pale_size), args)
+        _, lines = pale_groups(size, pale_size)
+        rows.append(
+            [
+                str(img),
+                f"{size}x{size}",
+                f"{lines * size}+{size * lines}",
+                str(size * size),
+                f"{pale.seconds * 1e3:.1f}",
+                f"{naive.seconds * 1e3:.1f}",
+                format_ratio(naive.seconds, pale.seconds),
+                format_ratio(naive.cpu_seconds, pale.cpu_seconds),
+                format_mib(pale.peak_bytes),
+                format_mib(naive.peak_bytes),
+                format_ratio(naive.peak_bytes, pale.peak_bytes),
+            ]
+        )
+    return Table(
+        f"PS-Attention vs masked global attention, batch {args.attn_batch}, C={dim}, {num_heads} heads, "
+        f"pale {pale_size}, {args.device}",
+        [
+            "input px",
+            "stage-1 map",
+            "keys/query pale (row+col)",
+            "keys/query global",
+            "pale ms",
+            "naive ms",
+            "time naive/pale",
+            "CPU time naive/pale",
+            "pale MiB",
+            "naive MiB",
+            "memory naive/pale",
+        ],
+        rows,
+        [
+            "step = both branches forward + backward on the same random q/k/v (no q/k/v convs, no projection); "
+            "the naive form runs SDPA over all tokens with the pale rule as a boolean attn_mask (built in setup)",
+            f"{args.steps} timed steps after {args.warmup} warm-up; ms are wall clock; {memory_kind(args.device)}",
+            "ratios above 1 mean PS-Attention is faster / smaller",
+        ],
+    )
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser = argparse.ArgumentParser(
+        prog="python -m src.benchmark", description="Side-by-side speed and memory tables, printed as Markdown."
+    )
+    parser.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
+    parser.add_argument("--batch-size", type=int, default=8, help="training-step batch (default 8)")
+    parser.add_argument("--img-size", type=int, default=224, help="training-step resolution (default 224)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument(
+        "--attn-sizes",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[224, 320, 384],
+        help="input resolutions for ps_attention; the map is the stage-1 map, px / 4 (default 224,320,384)",
+    )
+    parser.add_argument("--attn-batch", type=int, default=1, help="ps_attention batch (default 1)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads in each measurement (default: torch's)"
+    )
+    parser.add_argument("--sections", default="all", help="comma-separated section names, or 'all'")
+    parser.add_argument("--list", action="store_true", help="list the sections and exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    discover_sections()
+    args = parse_args(argv)
+    if args.list:
+        for name, entry in SECTIONS.items():
+            print(f"{name}: {entry.help}")
+        return
+    names = list(SECTIONS) if args.sections == "all" else [s.strip() for s in args.sections.split(",")]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    threads = args.threads or torch.get_num_threads()
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"torch {torch.__version__}, timm {timm.__version__}, {args.device} ({where}), {threads} threads")
+    print(f"{os.cpu_count()} CPUs, load average before the run: {load}")
+    for name in names:
+        start = time.perf_counter()
+        table = SECTIONS[name].fn(args)
+        print()
+        print(table.markdown())
+        print(f"- section {name!r} took {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    # run the importable module's registry: that is the one ``bench_*.py`` modules register into
+    importlib.import_module("src.benchmark").main()
