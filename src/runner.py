@@ -19,6 +19,7 @@ from src.data.datamodule import build_datamodule
 from src.data.transforms import EvalTransform
 from src.loggers import build_loggers, wandb_run_dir
 from src.objectives import objective_class
+from src.objectives.base import PretrainModule
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,25 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], l
     )
 
 
-def pretrain(cfg: DictConfig) -> RunResult:
+def record_encoder_config(module: L.LightningModule, cfg: DictConfig) -> None:
+    """Keep the encoder config in the checkpoint's hyper-parameters: fine-tuning checks its arch against them.
+
+    An objective that builds another arch from ``cfg.encoder`` (DeiT's ``*_distilled``) sets
+    ``module.encoder_config``; a supervised run of a plain timm classifier has no encoder config.
+    """
+    config = getattr(module, "encoder_config", None) or cfg.get("encoder")
+    if config is not None:
+        module.hparams["encoder_config"] = OmegaConf.to_container(config, resolve=True)
+
+
+def pretrain(cfg: DictConfig, objective: type[PretrainModule] | None = None) -> RunResult:
+    """Train ``objective`` (default: the class named by ``objective.name``); ``knn: null`` turns the monitor off."""
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir).resolve()
     ckpt_path = resume_checkpoint(run_dir, cfg.resume)
 
-    objective = objective_class(cfg.objective.name)
+    objective = objective or objective_class(cfg.objective.name)
     try:  # data first: a wrong path fails before any model is built
         datamodule = build_datamodule(
             cfg.dataset,
@@ -78,10 +91,12 @@ def pretrain(cfg: DictConfig) -> RunResult:
             eval_transform=EvalTransform(cfg.dataset.img_size, cfg.dataset.mean, cfg.dataset.std),
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
+            train_sampler=objective.train_sampler(cfg),
         )
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     module = objective.from_config(cfg)
+    record_encoder_config(module, cfg)
 
     checkpointing = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -93,9 +108,13 @@ def pretrain(cfg: DictConfig) -> RunResult:
     pictures = PictureLogger(
         run_dir / "pictures", cfg.pictures.every_n_steps, cfg.pictures.num_images, cfg.dataset.mean, cfg.dataset.std
     )
-    knn = KNNMonitor(cfg.knn.every_n_epochs, cfg.knn.k, cfg.knn.temperature)
+    callbacks = [checkpointing, pictures, *module.callbacks(cfg)]
+    knn = None
+    if cfg.get("knn") is not None:  # off for models outside the encoder contract (a supervised convnet teacher)
+        knn = KNNMonitor(cfg.knn.every_n_epochs, cfg.knn.k, cfg.knn.temperature)
+        callbacks.append(knn)
     loggers = build_loggers(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, [checkpointing, pictures, knn, *module.callbacks(cfg)], loggers)
+    trainer = build_trainer(cfg, run_dir, callbacks, loggers)
     if ckpt_path is not None:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -107,7 +126,8 @@ def pretrain(cfg: DictConfig) -> RunResult:
         checkpoint=final,
         pictures=run_dir / "pictures" if pictures.saved else None,
         wandb_dir=wandb_run_dir(loggers) if trainer.is_global_zero else None,
-        metrics={k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1} | knn.last,
+        metrics={k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        | (knn.last if knn else {}),
         global_step=trainer.global_step,
     )
     if cfg.export and trainer.is_global_zero:
@@ -126,7 +146,7 @@ def summary(result: RunResult) -> str:
         lines.append(f"  pictures   : {result.pictures}")
     if result.wandb_dir:
         lines.append(f"  W&B run    : {result.wandb_dir}  (offline runs upload with `wandb sync {result.wandb_dir}`)")
-    shown = {k: v for k, v in result.metrics.items() if k.startswith(("train/loss", "knn/"))}
+    shown = {k: v for k, v in result.metrics.items() if k.startswith(("train/loss", "knn/", "val/"))}
     if shown:
         lines.append("  metrics    : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
     return "\n".join(lines)

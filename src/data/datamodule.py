@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
 from src.data.builtin import TensorImageDataset, fashion_mnist_source, load_fashion_mnist
 from src.data.folder import ImageFolderDataset, find_class_folders
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("fashion_mnist", "image_folder", "shards")
 SampleTransform = Callable[[Image.Image], dict[str, torch.Tensor]]
+# (training set, world size, rank) -> the training sampler, or None for plain shuffling (e.g. repeated augmentation)
+SamplerFactory = Callable[[Dataset, int, int], Sampler | None]
 
 
 def collate_skipping(samples: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
@@ -89,6 +91,7 @@ class ImageDataModule(L.LightningDataModule):
         eval_transform: SampleTransform,
         batch_size: int,
         num_workers: int,
+        train_sampler: SamplerFactory | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -96,6 +99,7 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_transform = eval_transform
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.train_sampler = train_sampler
         self._train: Dataset | None = None
         self._bank: Dataset | None = None
         self._queries: Dataset | None = None
@@ -133,6 +137,8 @@ class ImageDataModule(L.LightningDataModule):
         else:
             if train_limit is not None:
                 raise ValueError("dataset.train_limit does not apply to shards; use dataset.samples_per_epoch")
+            if self.train_sampler is not None:
+                raise ValueError("dataset.kind=shards streams samples: a training sampler (repeated aug) cannot apply")
             expand_shards(_required(cfg, "train_urls", "'data/train-{000000..000009}.tar'"), "dataset.train_urls")
             if cfg.get("val_urls") is not None:
                 expand_shards(cfg.val_urls, "dataset.val_urls")
@@ -204,10 +210,15 @@ class ImageDataModule(L.LightningDataModule):
         assert self._train is not None
         iterable = isinstance(self._train, ShardDataset)
         workers = self._workers_for(self._train, per_rank=True)
+        sampler = None
+        if self.train_sampler is not None:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            sampler = self.train_sampler(self._train, self._world_size(), rank)
         return SkippingDataLoader(
             self._train,
             batch_size=self.batch_size,
-            shuffle=not iterable,
+            shuffle=not iterable and sampler is None,
+            sampler=sampler,
             drop_last=True,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -268,7 +279,8 @@ def build_datamodule(
     eval_transform: SampleTransform,
     batch_size: int,
     num_workers: int,
+    train_sampler: SamplerFactory | None = None,
 ) -> ImageDataModule:
     """Build and validate the data module for ``conf/dataset/<name>.yaml``."""
     cfg = dataset_cfg if isinstance(dataset_cfg, DictConfig) else OmegaConf.create(dict(dataset_cfg))
-    return ImageDataModule(cfg, train_transform, eval_transform, batch_size, num_workers)
+    return ImageDataModule(cfg, train_transform, eval_transform, batch_size, num_workers, train_sampler)

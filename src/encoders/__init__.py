@@ -6,7 +6,7 @@ from typing import Any
 
 import timm
 
-from src.encoders import vit  # noqa: F401  (registers mim_vit_* with timm)
+from src.encoders import beit, deit, pale, vit  # noqa: F401  (registers every family with timm)
 from src.encoders.base import MaskedEncoder
 
 

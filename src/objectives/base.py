@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from src.data.datamodule import SamplerFactory
 from src.data.transforms import PretrainTransform
 from src.encoders.base import MaskedEncoder
-from src.optim import scaled_lr, warmup_cosine, weight_decay_groups
+from src.optim import create_optimizer, scaled_lr, warmup_cosine, weight_decay_groups
 
 
 class PretrainModule(L.LightningModule):
@@ -61,6 +62,11 @@ class PretrainModule(L.LightningModule):
     def train_transform(cls, cfg: DictConfig):
         """Per-sample training transform run in DataLoader workers (MAE's crop + flip by default)."""
         return PretrainTransform(cfg.dataset.img_size, cfg.dataset.mean, cfg.dataset.std)
+
+    @classmethod
+    def train_sampler(cls, cfg: DictConfig) -> SamplerFactory | None:
+        """How the datamodule samples training images (e.g. DeiT's repeated augmentation); None = shuffle."""
+        return None
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the loss and any extra scalars to log."""
@@ -115,7 +121,8 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         lr = scaled_lr(self.optim["base_lr"], self.global_batch(), self.optim["reference_batch"])
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=lr, betas=tuple(self.optim["betas"]))
+        groups = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in self.param_groups()]  # layer-wise lr decay
+        optimizer = create_optimizer(groups, lr, self.optim)
         total = int(self.trainer.estimated_stepping_batches)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         steps_per_epoch = max(1, math.ceil(total / epochs))
@@ -135,5 +142,5 @@ class PretrainModule(L.LightningModule):
 
 def encoder_export_state(encoder: nn.Module) -> dict[str, torch.Tensor]:
     """Encoder weights in timm naming, without pretraining-only parts (mask token) or a classifier."""
-    drop = ("mask_token", "head.")
+    drop = ("mask_token", "head.", "head_dist.")
     return {k: v.detach().cpu() for k, v in encoder.state_dict().items() if not k.startswith(drop)}
