@@ -119,7 +119,7 @@ def pretrain(cfg: DictConfig, objective: type[PretrainModule] | None = None) -> 
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     final = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(final)  # a max_steps stop mid-interval would otherwise lose the last steps
+    trainer.save_checkpoint(final, weights_only=False)  # full state: a max_steps stop would lose the last steps
 
     result = RunResult(
         run_dir=run_dir,

@@ -1,0 +1,26 @@
+"""Front door: `python -m src.finetune task=classify|linear|knn init.checkpoint=PATH encoder=... [recipe=...]`."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from src.config import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+def main(cfg: DictConfig) -> None:
+    from src.finetune_runner import finetune  # heavy imports after Hydra has parsed the command line
+    from src.runner import summary
+
+    try:
+        result = finetune(cfg)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    print(summary(result))
+
+
+if __name__ == "__main__":
+    main()
