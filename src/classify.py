@@ -34,7 +34,7 @@ from src.encoders import create_encoder
 from src.encoders.base import MaskedEncoder
 from src.init_weights import InitReport, load_encoder_weights
 from src.objectives.base import encoder_export_state
-from src.objectives.supervised import SupervisedClassifier, dataset_num_classes
+from src.objectives.supervised import SupervisedClassifier, augment_config, dataset_num_classes
 from src.optim import OPTIMIZERS, layer_decay_groups, weight_decay_groups
 
 HEAD_INIT_STD = {"classify": 2e-5, "linear": 0.01}  # MAE's fine-tune and linear-probe head inits
@@ -52,15 +52,10 @@ def encoder_from_config(cfg: DictConfig, **overrides: Any) -> MaskedEncoder:
 
 
 def task_augment(cfg: DictConfig) -> dict[str, Any]:
-    """``task.augment`` (a conf/augment/ file) as a dict, checked; mixing needs an even batch."""
-    augment = OmegaConf.to_container(cfg.task.augment, resolve=True)
-    for key in ("mixup", "cutmix", "mix_prob", "switch_prob", "label_smoothing", "random_erasing"):
-        if augment[key] < 0:
-            raise ConfigError(f"task.augment.{key}={augment[key]} must be >= 0")
+    """``task.augment`` checked like the supervised objectives' augment, and sampled once per epoch."""
+    augment = augment_config(cfg, "task")
     if augment["repeated_aug"] != 1:
         raise ConfigError("task.augment.repeated_aug must be 1: fine-tuning samples each image once per epoch")
-    if (augment["mixup"] > 0 or augment["cutmix"] > 0) and cfg.batch_size % 2:
-        raise ConfigError(f"batch_size={cfg.batch_size} must be even for task.augment.mixup/cutmix")
     return augment
 
 

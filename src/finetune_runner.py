@@ -10,14 +10,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader
 
 from src.classify import CLASSIFIERS, encoder_from_config
 from src.config import ConfigError, validate
 from src.data.datamodule import build_datamodule
 from src.data.transforms import EvalTransform
 from src.init_weights import load_encoder_weights
-from src.knn import extract_features, knn_predict, topk_accuracy
+from src.knn import knn_accuracy
 from src.loggers import build_loggers, wandb_run_dir
 from src.runner import RunResult, pretrain
 
@@ -45,16 +44,6 @@ def finetune(cfg: DictConfig) -> RunResult:
 def write_metrics(run_dir: Path, metrics: dict[str, float]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-
-
-def knn_accuracy(
-    encoder: nn.Module, loaders: tuple[DataLoader, DataLoader], num_classes: int, k: int, temperature: float, device
-) -> tuple[float, float]:
-    """(top-1, top-5) of weighted kNN with the bank loader's features voting for the query loader's images."""
-    bank, bank_labels = extract_features(encoder, loaders[0], device)
-    queries, query_labels = extract_features(encoder, loaders[1], device)
-    scores = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
-    return topk_accuracy(scores, query_labels, 1), topk_accuracy(scores, query_labels, 5)
 
 
 def evaluate_knn(cfg: DictConfig) -> RunResult:

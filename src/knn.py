@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
 
@@ -52,3 +53,13 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
     k = min(k, scores.shape[1])
     hit = (scores.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
     return hit.float().mean().item()
+
+
+def knn_accuracy(
+    encoder: nn.Module, loaders: tuple[DataLoader, DataLoader], num_classes: int, k: int, temperature: float, device
+) -> tuple[float, float]:
+    """(top-1, top-5) of weighted kNN with the bank loader's features voting for the query loader's images."""
+    bank, bank_labels = extract_features(encoder, loaders[0], device)
+    queries, query_labels = extract_features(encoder, loaders[1], device)
+    scores = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
+    return topk_accuracy(scores, query_labels, 1), topk_accuracy(scores, query_labels, 5)

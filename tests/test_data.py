@@ -139,7 +139,7 @@ def test_collate_skipping_counts_and_drops_all_corrupt_batches(test_split):
 
 # ---- data module: Fashion-MNIST ------------------------------------------------------------------
 def test_fashion_mnist_datamodule_follows_the_knn_protocol(test_split):
-    cfg = dataset_cfg("fashion_mnist", train_limit=256, knn_bank=300, knn_queries=200)
+    cfg = dataset_cfg("fashion_mnist", img_size=32, train_limit=256, knn_bank=300, knn_queries=200)
     dm = make_dm(cfg, batch_size=64, num_workers=0)
     assert dm.num_classes == 10 and dm.img_size == 32
     batches = list(dm.train_dataloader())

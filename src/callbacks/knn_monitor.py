@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
-from src.knn import extract_features, knn_predict, topk_accuracy
+from src.knn import knn_accuracy
 
 
 class KNNMonitor(L.Callback):
@@ -31,14 +31,10 @@ class KNNMonitor(L.Callback):
         loaders = trainer.datamodule.knn_dataloaders()
         if loaders is None:
             return
-        bank_loader, query_loader = loaders
-        bank, bank_labels = extract_features(pl_module.encoder, bank_loader, pl_module.device)
-        queries, query_labels = extract_features(pl_module.encoder, query_loader, pl_module.device)
-        scores = knn_predict(bank, bank_labels, queries, trainer.datamodule.num_classes, self.k, self.temperature)
-        self.last = {
-            "knn/top1": topk_accuracy(scores, query_labels, 1),
-            "knn/top5": topk_accuracy(scores, query_labels, 5),
-        }
+        top1, top5 = knn_accuracy(
+            pl_module.encoder, loaders, trainer.datamodule.num_classes, self.k, self.temperature, pl_module.device
+        )
+        self.last = {"knn/top1": top1, "knn/top5": top5}
         for logger in trainer.loggers:
             logger.log_metrics(self.last, step=trainer.global_step)
         pl_module.print(f"kNN at step {trainer.global_step}: top-1 {self.last['knn/top1']:.4f}")

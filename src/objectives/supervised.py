@@ -163,12 +163,12 @@ class SupervisedClassifier(PretrainModule):
         return paths
 
 
-def augment_config(cfg: DictConfig) -> dict[str, Any]:
-    """``objective.augment`` as a plain dict, with its mixing values checked."""
-    augment = OmegaConf.to_container(cfg.objective.augment, resolve=True)
+def augment_config(cfg: DictConfig, section: str = "objective") -> dict[str, Any]:
+    """``<section>.augment`` (a conf/augment/ file) as a plain dict, with its mixing values checked."""
+    augment = OmegaConf.to_container(cfg[section].augment, resolve=True)
     for key in ("mixup", "cutmix", "mix_prob", "switch_prob", "label_smoothing", "random_erasing"):
         if augment[key] < 0:
-            raise ConfigError(f"objective.augment.{key}={augment[key]} must be >= 0")
+            raise ConfigError(f"{section}.augment.{key}={augment[key]} must be >= 0")
     mixing = augment["mixup"] > 0 or augment["cutmix"] > 0
     if mixing and cfg.batch_size % 2:
         raise ConfigError(f"batch_size={cfg.batch_size} must be even for mixup/cutmix (mixes a batch with its reverse)")
