@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from src.objectives.base import PretrainModule
+from src.objectives.beit import BEiT
+from src.objectives.deit import DeiT
 from src.objectives.mae import MAE
 
-OBJECTIVES: dict[str, type[PretrainModule]] = {"mae": MAE}
+OBJECTIVES: dict[str, type[PretrainModule]] = {"mae": MAE, "deit": DeiT, "beit": BEiT}
 
 
 def objective_class(name: str) -> type[PretrainModule]:

@@ -1,0 +1,32 @@
+"""Front door: `python -m src.train_tokenizer [dataset=...] [tokenizer.vocab_size=...] [recipe=...]`."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from src.config import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="tokenizer")
+def main(cfg: DictConfig) -> None:
+    from src.runner import summary  # heavy imports after Hydra has parsed the command line
+    from src.tokenizers.train import train_tokenizer
+
+    try:
+        result, report = train_tokenizer(cfg)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    print(summary(result))
+    if report:
+        print(
+            f"  codebook   : perplexity {report['perplexity']:.1f} of {cfg.tokenizer.vocab_size}, "
+            f"{report['dead_codes']:.0f} dead codes, held-out recon MSE {report['recon_mse']:.4f} "
+            f"({report['images']:.0f} images; {result.run_dir / 'usage.json'})"
+        )
+
+
+if __name__ == "__main__":
+    main()
