@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -11,6 +13,15 @@ from omegaconf.errors import MissingMandatoryValue
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and says what would."""
+
+
+@contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """Entry points: a ConfigError ends the process with its message and a non-zero status, not a traceback."""
+    try:
+        yield
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
 
 
 _ABSENT = object()

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from src.config import ConfigError
+from src.config import exit_on_config_error
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
 def main(cfg: DictConfig) -> None:
     from src.runner import pretrain, summary  # heavy imports after Hydra has parsed the command line
 
-    try:
+    with exit_on_config_error():
         result = pretrain(cfg)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
     if result.exports or result.checkpoint:
         print(summary(result))
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from src.config import ConfigError
+from src.config import exit_on_config_error
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_supervised")
@@ -15,10 +13,8 @@ def main(cfg: DictConfig) -> None:
     from src.objectives.supervised import SupervisedClassifier  # heavy imports after Hydra has parsed the command line
     from src.runner import pretrain, summary
 
-    try:
+    with exit_on_config_error():
         result = pretrain(cfg, objective=SupervisedClassifier)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
     if result.exports or result.checkpoint:
         print(summary(result))
 

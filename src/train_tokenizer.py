@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
-from src.config import ConfigError
+from src.config import exit_on_config_error
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="tokenizer")
@@ -15,10 +13,8 @@ def main(cfg: DictConfig) -> None:
     from src.runner import summary  # heavy imports after Hydra has parsed the command line
     from src.tokenizers.train import train_tokenizer
 
-    try:
+    with exit_on_config_error():
         result, report = train_tokenizer(cfg)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
     print(summary(result))
     if report:
         print(
