@@ -139,12 +139,17 @@ def format_ratio(a: float, b: float) -> str:
 def train_step(arch: str, batch: int, img_size: int, device: torch.device) -> Callable[[], None]:
     """Forward, cross-entropy, backward and AdamW step of a 1000-class timm model on random data."""
     model = timm.create_model(arch, num_classes=1000, img_size=img_size).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(batch, 3, img_size, img_size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
+    return optimizer_step(lambda: F.cross_entropy(model(images), labels), model.parameters())
+
+
+def optimizer_step(loss_fn: Callable[[], torch.Tensor], params) -> Callable[[], None]:
+    """A timed training step: the loss, zero_grad, backward and an AdamW update of ``params``."""
+    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)
 
     def step() -> None:
-        loss = F.cross_entropy(model(images), labels)
+        loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -28,7 +28,6 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from src.callbacks.confusion import ConfusionMatrixPicture
 from src.config import ConfigError, check_grid
-from src.data.classification import ClassificationTrainTransform
 from src.data.datamodule import SamplerFactory
 from src.encoders import create_encoder
 from src.encoders.base import MaskedEncoder
@@ -72,6 +71,8 @@ def task_optim(cfg: DictConfig) -> dict[str, Any]:
 
 class FineTuneClassifier(SupervisedClassifier):
     """The whole encoder trained with its timm head; ``layer_decay`` < 1 scales lrs down towards the input."""
+
+    augment_section = "task"
 
     def __init__(
         self,
@@ -133,13 +134,6 @@ class FineTuneClassifier(SupervisedClassifier):
         module.init_report = report
         report.publish(Path(cfg.run_dir).resolve())
         return module
-
-    @classmethod
-    def train_transform(cls, cfg: DictConfig) -> ClassificationTrainTransform:
-        a, d = cfg.task.augment, cfg.dataset
-        return ClassificationTrainTransform(
-            d.img_size, d.mean, d.std, a.rand_augment, a.crop_scale, a.hflip, a.color_jitter, a.random_erasing
-        )
 
     @classmethod
     def train_sampler(cls, cfg: DictConfig) -> SamplerFactory | None:

@@ -9,7 +9,7 @@ from functools import partial
 import timm
 import torch
 
-from src.benchmark import Table, format_mib, format_ratio, measure, memory_kind, section
+from src.benchmark import Table, format_mib, format_ratio, measure, memory_kind, optimizer_step, section
 from src.objectives.mae import MAE
 
 OPTIM = {"base_lr": 1.5e-4, "reference_batch": 256, "betas": [0.9, 0.95], "weight_decay": 0.05}
@@ -19,16 +19,8 @@ def mae_step(arch: str, token_drop: bool, batch: int, img_size: int, device: tor
     """One MAE pretraining step (mask 75 %, 8-block decoder, norm_pix loss, AdamW) on random images."""
     encoder = timm.create_model(arch, img_size=img_size, num_classes=0, mask_token=not token_drop)
     model = MAE(encoder, img_size, OPTIM, batch_size=batch, warmup_epochs=1, token_drop=token_drop).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     images = torch.randn(batch, 3, img_size, img_size, device=device)
-
-    def step() -> None:
-        loss, _ = model.compute_loss({"image": images})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
+    return optimizer_step(lambda: model.compute_loss({"image": images})[0], model.parameters())
 
 
 @section("mae_token_drop", "MAE training step on ViT-B/16: encode visible patches only vs the full input")

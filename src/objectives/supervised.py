@@ -49,6 +49,7 @@ class SupervisedClassifier(PretrainModule):
     """Trains ``encoder`` (any timm classifier: here a convnet teacher) on labels; ``augment`` is conf/augment/."""
 
     hparams_ignore: tuple[str, ...] = ("encoder", "record")  # modules and objects, not hyper-parameters
+    augment_section: str = "objective"  # the config section holding `augment` (fine-tuning: `task`)
 
     def __init__(
         self,
@@ -92,7 +93,7 @@ class SupervisedClassifier(PretrainModule):
     # ---- data ----------------------------------------------------------------------------------
     @classmethod
     def train_transform(cls, cfg: DictConfig) -> ClassificationTrainTransform:
-        a, d = cfg.objective.augment, cfg.dataset
+        a, d = cfg[cls.augment_section].augment, cfg.dataset
         return ClassificationTrainTransform(
             d.img_size, d.mean, d.std, a.rand_augment, a.crop_scale, a.hflip, a.color_jitter, a.random_erasing
         )
