@@ -69,6 +69,8 @@ def test_run_writes_checkpoint_exports_pictures_and_offline_wandb(tmp_path):
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert offline and offline[0].stat().st_size > 0
     assert "knn/top1" in result.stdout
+    output = result.stdout + result.stderr
+    assert "kNN at step 0:" in output and "kNN at step 4:" in output  # before training and after it
     # the exported encoder loads strictly into timm's own ViT (same sizes as the run)
     vit = timm.create_model(
         "vit_tiny_patch16_224",
@@ -167,3 +169,26 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
     # 128 images over 2 ranks at 16 per device: 4 optimizer steps, one shared run folder
     assert last_step(tmp_path / "ddp" / "checkpoints" / "last.ckpt") == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+
+
+def test_warmup_counts_real_batches_per_epoch_when_max_steps_stops_early(tmp_path, caplog):
+    from conftest import compose_config
+
+    from src.runner import pretrain
+
+    # 64 images / 16 per batch = 4 steps per epoch: warm-up 1 epoch = 4 steps, whatever epochs/max_steps say
+    cfg = compose_config(
+        [
+            *TINY,
+            *MAE_LIGHT,
+            f"runs_dir={tmp_path}",
+            "epochs=50",
+            "trainer.max_steps=6",
+            "warmup_epochs=1",
+            "knn=null",
+            "export=false",
+        ]
+    )
+    with caplog.at_level("INFO"):
+        assert pretrain(cfg).global_step == 6
+    assert "warm-up 4 of 6 steps" in caplog.text

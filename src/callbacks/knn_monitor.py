@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from src.knn import knn_accuracy
 
@@ -37,4 +37,4 @@ class KNNMonitor(L.Callback):
         self.last = {"knn/top1": top1, "knn/top5": top5}
         for logger in trainer.loggers:
             logger.log_metrics(self.last, step=trainer.global_step)
-        pl_module.print(f"kNN at step {trainer.global_step}: top-1 {self.last['knn/top1']:.4f}")
+        rank_zero_info(f"kNN at step {trainer.global_step}: top-1 {self.last['knn/top1']:.4f}")

@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import nn
@@ -123,14 +124,13 @@ class PretrainModule(L.LightningModule):
         lr = scaled_lr(self.optim["base_lr"], self.global_batch(), self.optim["reference_batch"])
         groups = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in self.param_groups()]  # layer-wise lr decay
         optimizer = create_optimizer(groups, lr, self.optim)
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        steps_per_epoch = max(1, math.ceil(total / epochs))
+        total = int(self.trainer.estimated_stepping_batches)  # also loads the train loader: batches are known
+        steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
         warmup = min(int(self.warmup_epochs * steps_per_epoch), total)
         schedule = partial(
             warmup_cosine, warmup_steps=warmup, total_steps=total, min_ratio=self.optim.get("min_lr", 0.0) / lr
         )
-        self.print(
+        rank_zero_info(  # a log line: LightningModule.print drops output before the progress bar exists
             f"lr {lr:.3g} (base {self.optim['base_lr']:g} x {self.global_batch()}/"
             f"{self.optim['reference_batch']}), warm-up {warmup} of {total} steps"
         )
