@@ -11,6 +11,16 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file
 
+PARTIAL_SUFFIX = ".tmp"
+
+
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Delete temporary files that a killed save left behind (the checkpoints themselves are never partial)."""
+    stale = sorted(folder.glob(f".*{PARTIAL_SUFFIX}")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)  # DDP ranks may race here at start-up
+    return stale
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves half a file."""
@@ -18,7 +28,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from src.callbacks.knn_monitor import KNNMonitor
 from src.callbacks.pictures import PictureLogger
-from src.checkpoint import AtomicCheckpointIO
+from src.checkpoint import AtomicCheckpointIO, remove_partial_writes
 from src.config import ConfigError, validate
 from src.data.datamodule import build_datamodule
 from src.data.transforms import EvalTransform
@@ -46,6 +46,8 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 def resume_checkpoint(run_dir: Path, resume: str | bool) -> Path | None:
     """auto: continue if the run has a last checkpoint; true: insist on one; false: refuse to overwrite one."""
     last = run_dir / "checkpoints" / "last.ckpt"
+    for stale in remove_partial_writes(last.parent):
+        log.warning("removed %s, left half-written by a killed save", stale)
     if resume is True and not last.is_file():
         raise ConfigError(f"resume=true but there is no checkpoint at {last}")
     if resume is False and last.is_file():
