@@ -4,7 +4,10 @@ Sections are registered functions ``(args) -> Table``. To add one, put ``@sectio
 on a function in any ``src/**/bench_*.py`` module: those modules are imported before the sections run, so no
 edit here is needed. ``measure`` runs a step in a fresh process and returns seconds per step and peak memory:
 CUDA's ``max_memory_allocated`` on a GPU, the growth of the process's max RSS on CPU (a fresh process per
-measurement, so one measurement's peak cannot hide the next one's).
+measurement, so one measurement's peak cannot hide the next one's). Comparisons go through ``measure_interleaved``:
+the contenders take turns over several rounds and ratios are taken round by round, because a shared machine
+drifts by more than the differences being measured (up to 25 % between back-to-back runs on the 2-core
+development VM).
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import importlib
 import os
 import platform
 import resource
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -80,6 +84,7 @@ def discover_sections() -> None:
 class Measurement:
     seconds: float  # wall clock per step
     cpu_seconds: float  # this process's CPU time per step: robust to other load on a shared CPU
+    kernel_seconds: float  # the part of cpu_seconds spent in the kernel (page faults of fresh allocations)
     peak_bytes: int
 
 
@@ -100,15 +105,17 @@ def measure_in_process(setup: StepSetup, device_name: str, steps: int, warmup: i
     if cuda:
         torch.cuda.synchronize(device)
     start, cpu_start = time.perf_counter(), time.process_time()
+    kernel_start = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     for _ in range(steps):
         step()
     if cuda:
         torch.cuda.synchronize(device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    kernel_seconds = resource.getrusage(resource.RUSAGE_SELF).ru_stime - kernel_start
     peak = (
         torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
-    return Measurement(seconds / steps, cpu_seconds / steps, peak - base)
+    return Measurement(seconds / steps, cpu_seconds / steps, kernel_seconds / steps, peak - base)
 
 
 def measure(setup: StepSetup, args: argparse.Namespace) -> Measurement:
@@ -119,6 +126,48 @@ def measure(setup: StepSetup, args: argparse.Namespace) -> Measurement:
     """
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(measure_in_process, setup, args.device, args.steps, args.warmup, args.threads).result()
+
+
+def measure_interleaved(setups: Sequence[StepSetup], args: argparse.Namespace) -> list[list[Measurement]]:
+    """``args.repeats`` rounds in which every setup is measured once: per setup, its measurement of each round.
+
+    The order alternates (A B, B A, ...) so that slow drift of a shared machine (other tenants, clock
+    changes) lands on every contender alike; compare contenders round by round (``paired_ratio``).
+    """
+    rounds = []
+    for i in range(args.repeats):
+        order = range(len(setups)) if i % 2 == 0 else reversed(range(len(setups)))
+        results = {j: measure(setups[j], args) for j in order}
+        rounds.append([results[j] for j in range(len(setups))])
+    return [[results[j] for results in rounds] for j in range(len(setups))]
+
+
+def median(runs: Sequence[Measurement]) -> Measurement:
+    """Per-field median over rounds."""
+    return Measurement(
+        statistics.median(r.seconds for r in runs),
+        statistics.median(r.cpu_seconds for r in runs),
+        statistics.median(r.kernel_seconds for r in runs),
+        int(statistics.median(r.peak_bytes for r in runs)),
+    )
+
+
+def paired_ratio(slow: Sequence[Measurement], fast: Sequence[Measurement], field: str = "seconds") -> float:
+    """Median over rounds of slow / fast: neighbours in time share the machine's state, so their ratio is
+    steadier than the ratio of two separate medians."""
+    return statistics.median(getattr(s, field) / getattr(f, field) for s, f in zip(slow, fast, strict=True))
+
+
+def round_ratios(slow: Sequence[Measurement], fast: Sequence[Measurement]) -> str:
+    """The time ratio of each round, to show the spread behind a median."""
+    return ", ".join(format_ratio(s.seconds, f.seconds) for s, f in zip(slow, fast, strict=True))
+
+
+def timing_note(args: argparse.Namespace) -> str:
+    return (
+        f"{args.repeats} rounds taking turns (A B, B A, ...), each {args.steps} timed steps after {args.warmup} "
+        "warm-up in a fresh process; rows: medians over rounds; ratios: median of the per-round ratios"
+    )
 
 
 def memory_kind(device: str) -> str:
@@ -160,42 +209,49 @@ def optimizer_step(loss_fn: Callable[[], torch.Tensor], params) -> Callable[[], 
 @section("pale_vs_swin", "training step: Pale-T vs timm's Swin-T, same batch and resolution")
 def pale_vs_swin(args: argparse.Namespace) -> Table:
     models = [("Pale-T", "pale_tiny_224"), ("Swin-T", "swin_tiny_patch4_window7_224")]
-    rows, results = [], []
-    for label, arch in models:
+    params = {}
+    for _, arch in models:
         with torch.device("meta"):
-            params = sum(p.numel() for p in timm.create_model(arch, img_size=args.img_size).parameters())
-        result = measure(partial(train_step, arch, args.batch_size, args.img_size), args)
-        results.append(result)
+            params[arch] = sum(p.numel() for p in timm.create_model(arch, img_size=args.img_size).parameters())
+    rows, notes = [], []
+    for batch in args.batch_size:
+        runs = measure_interleaved([partial(train_step, arch, batch, args.img_size) for _, arch in models], args)
+        pale_runs, swin_runs = runs
+        pale, swin = median(pale_runs), median(swin_runs)
+        for (label, arch), result in zip(models, (pale, swin), strict=True):
+            rows.append(
+                [
+                    str(batch),
+                    label,
+                    f"{params[arch] / 1e6:.1f}",
+                    f"{batch / result.seconds:.2f}",
+                    f"{batch / result.cpu_seconds:.2f}",
+                    f"{100 * result.kernel_seconds / result.cpu_seconds:.0f} %",
+                    format_mib(result.peak_bytes),
+                ]
+            )
         rows.append(
             [
-                label,
-                arch,
-                f"{params / 1e6:.1f}",
-                f"{args.batch_size / result.seconds:.2f}",
-                f"{args.batch_size / result.cpu_seconds:.2f}",
-                format_mib(result.peak_bytes),
+                str(batch),
+                "**Pale-T / Swin-T**",
+                format_ratio(params[models[0][1]], params[models[1][1]]),
+                f"**{paired_ratio(swin_runs, pale_runs):.2f}**",
+                f"{paired_ratio(swin_runs, pale_runs, 'cpu_seconds'):.2f}",
+                "",
+                format_ratio(pale.peak_bytes, swin.peak_bytes),
             ]
         )
-    pale, swin = results
-    rows.append(
-        [
-            "Pale-T / Swin-T",
-            "",
-            format_ratio(float(rows[0][2]), float(rows[1][2])),
-            format_ratio(swin.seconds, pale.seconds),
-            format_ratio(swin.cpu_seconds, pale.cpu_seconds),
-            format_ratio(pale.peak_bytes, swin.peak_bytes),
-        ]
-    )
+        notes.append(f"batch {batch}: images/s ratio per round {round_ratios(swin_runs, pale_runs)}")
     return Table(
-        f"Training step, batch {args.batch_size}, {args.img_size} px, {args.device}",
-        ["model", "timm arch", "params (M)", "images/s (wall)", "images per CPU-s", "peak MiB"],
+        f"Training step, {args.img_size} px, {args.device}: pale_tiny_224 vs swin_tiny_patch4_window7_224",
+        ["batch", "model", "params (M)", "images/s (wall)", "images per CPU-s", "kernel share of CPU", "peak MiB"],
         rows,
         [
-            "step = forward + cross-entropy + backward + AdamW, fp32, timm defaults of each model; "
-            f"{args.steps} timed steps after {args.warmup} warm-up",
+            f"step = forward, cross-entropy, backward, AdamW; fp32, timm defaults of each model; {timing_note(args)}",
             memory_kind(args.device),
-            "ratio row: Pale-T divided by Swin-T (above 1: Pale-T has more params, is faster, needs more memory)",
+            "ratio rows: Pale-T divided by Swin-T (above 1: Pale-T has more params, is faster, needs more memory)",
+            "kernel share: CPU time in the kernel, mostly page faults of large fresh allocations (grows with batch)",
+            *notes,
         ],
     )
 
@@ -246,14 +302,18 @@ def attention_step(
     return step
 
 
+IMPLS = ("pale", "naive")
+
+
 @section("ps_attention", "PS-Attention (grouped) vs naive masked global attention, Pale-T stage 1")
 def ps_attention(args: argparse.Namespace) -> Table:
     dim, num_heads, pale_size = 64, 2, 7  # Pale-T stage 1
     rows = []
     for img in args.attn_sizes:
         size = img // 4
-        pale = measure(partial(attention_step, "pale", size, args.attn_batch, dim, num_heads, pale_size), args)
-        naive = measure(partial(attention_step, "naive", size, args.attn_batch, dim, num_heads, pale_size), args)
+        setups = [partial(attention_step, impl, size, args.attn_batch, dim, num_heads, pale_size) for impl in IMPLS]
+        pale_runs, naive_runs = measure_interleaved(setups, args)
+        pale, naive = median(pale_runs), median(naive_runs)
         _, lines = pale_groups(size, pale_size)
         rows.append(
             [
@@ -263,8 +323,8 @@ def ps_attention(args: argparse.Namespace) -> Table:
                 str(size * size),
                 f"{pale.seconds * 1e3:.1f}",
                 f"{naive.seconds * 1e3:.1f}",
-                format_ratio(naive.seconds, pale.seconds),
-                format_ratio(naive.cpu_seconds, pale.cpu_seconds),
+                f"{paired_ratio(naive_runs, pale_runs):.2f}",
+                f"{paired_ratio(naive_runs, pale_runs, 'cpu_seconds'):.2f}",
                 format_mib(pale.peak_bytes),
                 format_mib(naive.peak_bytes),
                 format_ratio(naive.peak_bytes, pale.peak_bytes),
@@ -290,7 +350,7 @@ def ps_attention(args: argparse.Namespace) -> Table:
         [
             "step = both branches forward + backward on the same random q/k/v (no q/k/v convs, no projection); "
             "the naive form runs SDPA over all tokens with the pale rule as a boolean attn_mask (built in setup)",
-            f"{args.steps} timed steps after {args.warmup} warm-up; ms are wall clock; {memory_kind(args.device)}",
+            f"{timing_note(args)}; ms are wall clock; {memory_kind(args.device)}",
             "ratios above 1 mean PS-Attention is faster / smaller",
         ],
     )
@@ -312,10 +372,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m src.benchmark", description="Side-by-side speed and memory tables, printed as Markdown."
     )
     parser.add_argument("--device", default=default_device, help=f"torch device (default {default_device})")
-    parser.add_argument("--batch-size", type=int, default=8, help="training-step batch (default 8)")
+    parser.add_argument(
+        "--batch-size",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[8],
+        help="training-step batch, or a comma-separated sweep, e.g. 8,16,32 (default 8)",
+    )
     parser.add_argument("--img-size", type=int, default=224, help="training-step resolution (default 224)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds in which the compared setups take turns; medians (default 3)"
+    )
     parser.add_argument(
         "--attn-sizes",
         type=lambda s: [int(v) for v in s.split(",")],

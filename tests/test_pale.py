@@ -13,6 +13,7 @@ from timm.optim import create_optimizer_v2
 from torch.utils.flop_counter import FlopCounterMode
 
 import src.benchmark as benchmark
+import src.encoders.bench_pale as bench_pale
 import src.encoders.pale as pale
 from src.encoders.pale import PaleAttention, PaleTransformer, pale_column_attention, pale_row_attention
 
@@ -318,6 +319,44 @@ def test_benchmark_sections_run(capsys: pytest.CaptureFixture[str], monkeypatch:
     benchmark.main(["--sections", "ps_attention", "--attn-sizes", "32", "--steps", "1", "--warmup", "0"])
     out = capsys.readouterr().out
     assert "| 32 | 8x8 | 32+32 | 64 |" in out and "memory naive/pale" in out
+
+
+def test_benchmark_alternates_order_and_pairs_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds take turns A B, B A, ...; the ratio is the median of per-round ratios, not of two medians."""
+    calls: list[str] = []
+    times = iter([1.0, 2.0, 4.0, 2.0, 1.0, 1.0])  # (A, B) per round, as measured in call order
+
+    def fake(setup: Any, args: Any) -> benchmark.Measurement:
+        calls.append(setup)
+        return benchmark.Measurement(next(times), 1.0, 0.0, 0)
+
+    monkeypatch.setattr(benchmark, "measure", fake)
+    a_runs, b_runs = benchmark.measure_interleaved(["A", "B"], benchmark.parse_args(["--repeats", "3"]))
+    assert calls == ["A", "B", "B", "A", "A", "B"]
+    assert [r.seconds for r in a_runs] == [1.0, 2.0, 1.0] and [r.seconds for r in b_runs] == [2.0, 4.0, 1.0]
+    assert benchmark.paired_ratio(b_runs, a_runs) == 2.0  # rounds: 2, 2, 1
+    assert benchmark.median(b_runs).seconds / benchmark.median(a_runs).seconds == 2.0
+
+
+def test_profile_section_sorts_ops_into_kinds(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pale_profile's kinds catch the ops that matter, and the section renders a total (profiled in-process)."""
+    assert bench_pale.op_kind("aten::addmm").startswith("matrix")
+    assert bench_pale.op_kind("aten::_scaled_dot_product_flash_attention_for_cpu_backward").startswith("attention")
+    assert bench_pale.op_kind("aten::convolution_backward") == "convolutions"
+    assert bench_pale.op_kind("aten::native_layer_norm_backward") == "normalisation"
+    assert bench_pale.op_kind("aten::gelu").startswith("elementwise")
+
+    def in_process(setup: benchmark.StepSetup, args: Any, threads: int) -> dict[str, float]:
+        return bench_pale.profile_in_process(setup, args.device, args.steps, args.warmup, threads)
+
+    monkeypatch.setattr(bench_pale, "profile_step", in_process)
+    argv = ["--sections", "pale_profile", "--img-size", "32", "--batch-size", "1", "--steps", "1", "--warmup", "0"]
+    benchmark.main([*argv, "--threads", "1"])
+    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| **total**"))
+    pale_ms, swin_ms = (float(v) for v in total.split("|")[2:4])
+    assert pale_ms > 0 and swin_ms > 0
 
 
 def test_benchmark_measure_in_fresh_process() -> None:
