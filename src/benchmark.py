@@ -302,7 +302,7 @@ def attention_step(
     return step
 
 
-IMPLS = ("pale", "naive")
+ATTENTION_IMPLS = ("pale", "naive")
 
 
 @section("ps_attention", "PS-Attention (grouped) vs naive masked global attention, Pale-T stage 1")
@@ -311,7 +311,9 @@ def ps_attention(args: argparse.Namespace) -> Table:
     rows = []
     for img in args.attn_sizes:
         size = img // 4
-        setups = [partial(attention_step, impl, size, args.attn_batch, dim, num_heads, pale_size) for impl in IMPLS]
+        setups = [
+            partial(attention_step, impl, size, args.attn_batch, dim, num_heads, pale_size) for impl in ATTENTION_IMPLS
+        ]
         pale_runs, naive_runs = measure_interleaved(setups, args)
         pale, naive = median(pale_runs), median(naive_runs)
         _, lines = pale_groups(size, pale_size)

@@ -324,7 +324,7 @@ def test_benchmark_sections_run(capsys: pytest.CaptureFixture[str], monkeypatch:
 def test_benchmark_alternates_order_and_pairs_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rounds take turns A B, B A, ...; the ratio is the median of per-round ratios, not of two medians."""
     calls: list[str] = []
-    times = iter([1.0, 2.0, 4.0, 2.0, 1.0, 1.0])  # (A, B) per round, as measured in call order
+    times = iter([1.0, 2.0, 3.0, 4.0, 1.0, 4.0])  # in call order: A B, B A, A B
 
     def fake(setup: Any, args: Any) -> benchmark.Measurement:
         calls.append(setup)
@@ -333,9 +333,9 @@ def test_benchmark_alternates_order_and_pairs_rounds(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(benchmark, "measure", fake)
     a_runs, b_runs = benchmark.measure_interleaved(["A", "B"], benchmark.parse_args(["--repeats", "3"]))
     assert calls == ["A", "B", "B", "A", "A", "B"]
-    assert [r.seconds for r in a_runs] == [1.0, 2.0, 1.0] and [r.seconds for r in b_runs] == [2.0, 4.0, 1.0]
-    assert benchmark.paired_ratio(b_runs, a_runs) == 2.0  # rounds: 2, 2, 1
-    assert benchmark.median(b_runs).seconds / benchmark.median(a_runs).seconds == 2.0
+    assert [r.seconds for r in a_runs] == [1.0, 4.0, 1.0] and [r.seconds for r in b_runs] == [2.0, 3.0, 4.0]
+    assert benchmark.paired_ratio(b_runs, a_runs) == 2.0  # per round: 2, 0.75, 4
+    assert benchmark.median(b_runs).seconds / benchmark.median(a_runs).seconds == 3.0  # what pairing avoids
 
 
 def test_profile_section_sorts_ops_into_kinds(
