@@ -1,4 +1,8 @@
-"""Checks that make a typo or an impossible value fail before any work, naming the key."""
+"""Checks that make a typo or an impossible value fail before any work, naming the key.
+
+``validate`` checks the keys every run shares, once; each method checks its own section
+(``TrainingMethod.check_config``) with the same ``check_rules``.
+"""
 
 from __future__ import annotations
 
@@ -25,12 +29,10 @@ def exit_on_config_error() -> Iterator[None]:
 
 
 _ABSENT = object()
+Rule = tuple[str, Callable[[Any], bool], str]  # (key, predicate, what the value must be)
 
-# (key, predicate, what the value must be). Keys absent from a composed config are not checked.
-RULES: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("objective.mask_ratio", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-    ("objective.optim.base_lr", lambda v: v > 0, "must be positive"),
-    ("objective.optim.weight_decay", lambda v: v >= 0, "must be >= 0"),
+# The keys every run shares. Keys absent from a composed config are not checked.
+SHARED_RULES: list[Rule] = [
     ("batch_size", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
     ("epochs", lambda v: v > 0, "must be positive"),
     ("warmup_epochs", lambda v: v >= 0, "must be >= 0"),
@@ -40,14 +42,10 @@ RULES: list[tuple[str, Callable[[Any], bool], str]] = [
 ]
 
 
-def validate(cfg: DictConfig) -> None:
-    """Resolve every interpolation, refuse missing mandatory values, then apply RULES."""
-    try:
-        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    except MissingMandatoryValue as e:
-        raise ConfigError(f"missing value for '{e.full_key}': set it, e.g. {e.full_key}=...") from None
-    for key, ok, requirement in RULES:
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
+def check_rules(node: DictConfig, prefix: str, rules: list[Rule]) -> None:
+    """Apply ``rules`` to the keys of ``node`` that are present; a failure names ``prefix.key``."""
+    for key, ok, requirement in rules:
+        value = OmegaConf.select(node, key, default=_ABSENT)
         if value is _ABSENT:
             continue
         try:
@@ -55,7 +53,16 @@ def validate(cfg: DictConfig) -> None:
         except TypeError:
             valid = False
         if not valid:
-            raise ConfigError(f"{key}={value!r} {requirement}")
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{key}={value!r} {requirement}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Resolve every interpolation, refuse missing mandatory values, then check the shared keys."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"missing value for '{e.full_key}': set it, e.g. {e.full_key}=...") from None
+    check_rules(cfg, "", SHARED_RULES)
 
 
 def check_grid(encoder: Any, img_size: int, key: str = "dataset.img_size") -> tuple[int, int]:

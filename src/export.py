@@ -1,8 +1,8 @@
 """`python -m src.export runs/<run_name> [--checkpoint FILE] [--out DIR]`: re-export a run's weights.
 
-Rebuilds the objective from the run's saved Hydra config, loads the checkpoint (weights only), and
-writes the encoder in timm naming (safetensors) plus the objective's own formats (MAE: the full
-model with its decoder in the official names).
+Works for every kind of run: it rebuilds the run's method from the config the run saved (``config.yaml``),
+loads the checkpoint (weights only) and writes the method's exports (encoder in timm naming, classifiers,
+tokenizers, the official MAE/BEiT layouts). A run that trains nothing (kNN) re-exports the encoder it evaluated.
 """
 
 from __future__ import annotations
@@ -13,20 +13,28 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from src.objectives import objective_class
+from src.config import ConfigError, exit_on_config_error
+from src.methods import method_class
+from src.pipeline.fit import CONFIG_FILE
 
 
 def export_run(run_dir: Path, checkpoint: Path | None = None, out_dir: Path | None = None) -> dict[str, Path]:
-    config_file = run_dir / ".hydra" / "config.yaml"
+    config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: is {run_dir} a run folder made by src.pretrain?")
-    checkpoint = checkpoint or run_dir / "checkpoints" / "last.ckpt"
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        raise ConfigError(f"{config_file} not found: is {run_dir} a run folder made by this toolkit?")
     cfg = OmegaConf.load(config_file)
-    module = objective_class(cfg.objective.name).from_config(cfg)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    module.load_state_dict(state, strict=True)
+    method = method_class(cfg.method)
+    if method.fits:
+        checkpoint = checkpoint or run_dir / "checkpoints" / "last.ckpt"
+        if not checkpoint.is_file():
+            raise ConfigError(f"checkpoint not found: {checkpoint}")
+        if "init" in cfg:  # the checkpoint holds every trained weight: the run's init file need not exist any more
+            cfg.init.kind, cfg.init.checkpoint = "random", None
+    module = method.from_config(cfg)
+    if method.fits:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        module.on_load_checkpoint({"state_dict": state})  # frozen parts (tokenizer, teacher) come from their files
+        module.load_state_dict(state, strict=True)
     return module.export(out_dir or run_dir / "export")
 
 
@@ -36,8 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: RUN_DIR/checkpoints/last.ckpt")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/export")
     args = parser.parse_args(argv)
-    for name, path in export_run(args.run_dir, args.checkpoint, args.out).items():
-        print(f"{name}: {path}")
+    with exit_on_config_error():
+        for name, path in export_run(args.run_dir, args.checkpoint, args.out).items():
+            print(f"{name}: {path}")
 
 
 if __name__ == "__main__":

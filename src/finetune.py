@@ -1,4 +1,4 @@
-"""Front door: `python -m src.finetune task=classify|linear|knn init.checkpoint=PATH encoder=... [recipe=...]`."""
+"""Front door: `python -m src.finetune task=classify|linear|knn init.checkpoint=PATH [recipe=...]`."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ from omegaconf import DictConfig
 from src.config import exit_on_config_error
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+@hydra.main(version_base="1.3", config_path="../conf/finetune", config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    from src.finetune_runner import finetune  # heavy imports after Hydra has parsed the command line
-    from src.runner import summary
+    from src.pipeline.fit import run, summary  # heavy imports after Hydra has parsed the command line
 
     with exit_on_config_error():
-        result = finetune(cfg)
-    print(summary(result))
+        print(summary(run(cfg)))
 
 
 if __name__ == "__main__":

@@ -8,15 +8,12 @@ from omegaconf import DictConfig
 from src.config import exit_on_config_error
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train_supervised")
+@hydra.main(version_base="1.3", config_path="../conf/supervised", config_name="supervised")
 def main(cfg: DictConfig) -> None:
-    from src.objectives.supervised import SupervisedClassifier  # heavy imports after Hydra has parsed the command line
-    from src.runner import pretrain, summary
+    from src.pipeline.fit import run, summary  # heavy imports after Hydra has parsed the command line
 
     with exit_on_config_error():
-        result = pretrain(cfg, objective=SupervisedClassifier)
-    if result.exports or result.checkpoint:
-        print(summary(result))
+        print(summary(run(cfg)))
 
 
 if __name__ == "__main__":

@@ -8,20 +8,12 @@ from omegaconf import DictConfig
 from src.config import exit_on_config_error
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="tokenizer")
+@hydra.main(version_base="1.3", config_path="../conf/tokenizer", config_name="tokenizer")
 def main(cfg: DictConfig) -> None:
-    from src.runner import summary  # heavy imports after Hydra has parsed the command line
-    from src.tokenizers.train import train_tokenizer
+    from src.pipeline.fit import run, summary  # heavy imports after Hydra has parsed the command line
 
     with exit_on_config_error():
-        result, report = train_tokenizer(cfg)
-    print(summary(result))
-    if report:
-        print(
-            f"  codebook   : perplexity {report['perplexity']:.1f} of {cfg.tokenizer.vocab_size}, "
-            f"{report['dead_codes']:.0f} dead codes, held-out recon MSE {report['recon_mse']:.4f} "
-            f"({report['images']:.0f} images; {result.run_dir / 'usage.json'})"
-        )
+        print(summary(run(cfg)))
 
 
 if __name__ == "__main__":

@@ -29,10 +29,31 @@ TINY = [
 
 
 def compose_config(overrides: list[str], config_name: str = "pretrain") -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    """The config of a front door (pretrain, finetune, tokenizer, supervised), composed as its command would."""
+    with initialize_config_dir(config_dir=str(CONF / config_name), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
 
 
 @pytest.fixture
 def tiny_overrides(tmp_path: Path) -> list[str]:
     return [*TINY, f"runs_dir={tmp_path}"]
+
+
+def assert_export_reproduces(run_dir: Path, exports: dict[str, Path], out_dir: Path) -> None:
+    """``python -m src.export`` rebuilds the run from its saved config and writes the same weights again."""
+    import torch
+    from safetensors.torch import load_file
+
+    from src.export import export_run
+
+    again = export_run(run_dir, out_dir=out_dir)
+    assert again.keys() == exports.keys()
+    for name, path in exports.items():
+        if path.suffix == ".safetensors":
+            first, second = load_file(str(path)), load_file(str(again[name]))
+        elif path.suffix == ".pth":
+            first, second = (torch.load(p, weights_only=True)["model"] for p in (path, again[name]))
+        else:
+            assert path.read_text() == again[name].read_text(), name
+            continue
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), name

@@ -17,10 +17,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from src.config import ConfigError
 from src.data.builtin import load_fashion_mnist
-from src.encoders.beit import SHARED_TABLE, filter_beit_state, load_beit_checkpoint, shared_to_per_layer_rel_pos_bias
-from src.masking import BlockwiseMaskGenerator, beit_mask_counts
-from src.objectives.beit import BEiT, BeitTransform
-from src.runner import pretrain
+from src.encoders.base import FilterReport
+from src.encoders.beit import SHARED_TABLE, checkpoint_filter_fn, shared_to_per_layer_rel_pos_bias
+from src.encoders.loading import load_state_dict_file
+from src.methods.base import encoder_export_state
+from src.methods.beit import BEiT, BeitTransform
+from src.methods.masking import BlockwiseMaskGenerator, beit_mask_counts
+from src.pipeline.fit import run
 from src.tokenizers import VQTokenizer, save_tokenizer
 from tests.conftest import TINY, compose_config
 
@@ -148,9 +151,7 @@ def _uneven_masks(grid: int) -> torch.Tensor:
 
 
 def test_loss_is_mean_cross_entropy_over_masked_tokens_vit() -> None:
-    encoder = timm.create_model(
-        "mim_vit_tiny_patch16", img_size=32, patch_size=8, depth=1, num_classes=0, mask_token=True
-    )
+    encoder = timm.create_model("mim_vit_tiny_patch16", img_size=32, patch_size=8, depth=1, num_classes=0)
     module = _module(encoder, 32, 8, tokenizer_px=4)
     torch.manual_seed(1)
     batch = {"image": torch.randn(3, 3, 32, 32), "tokenizer_image": torch.rand(3, 3, 16, 16), "mask": _uneven_masks(4)}
@@ -184,7 +185,7 @@ def test_loss_is_mean_cross_entropy_over_masked_tokens_vit() -> None:
 def test_loss_with_pale_predicts_two_by_two_tokens_per_output() -> None:
     """Pale's stride-32 token (r, c) predicts 16 px targets (2r + i, 2c + j) with head slice i * 2 + j."""
     encoder = timm.create_model(
-        "pale_tiny_224", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), num_classes=0, mask_token=True
+        "pale_tiny_224", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2), num_classes=0
     )
     module = _module(encoder, 64, 16, tokenizer_px=4)
     assert module.sub == 2 and module.target_grid == (4, 4)
@@ -204,7 +205,7 @@ def test_loss_with_pale_predicts_two_by_two_tokens_per_output() -> None:
 # ---- the BEiT encoder ----------------------------------------------------------------------------
 def test_beit_encoder_follows_the_paper() -> None:
     torch.manual_seed(0)
-    model = timm.create_model("mim_beit_base_patch16", depth=3, num_classes=0, mask_token=True)
+    model = timm.create_model("mim_beit_base_patch16", depth=3, num_classes=0)
     assert model.pos_embed is None and model.num_prefix_tokens == 1
     table = model.rel_pos_bias.relative_position_bias_table
     assert table.shape == ((2 * 14 - 1) ** 2 + 3, 12) and (table == 0).all()
@@ -237,8 +238,10 @@ def test_official_timm_beit_checkpoints_load_strictly() -> None:
             weight_init_style="timm",
         )
     state = official.state_dict()
-    assert set(state) == set(ours.state_dict())
-    ours.load_state_dict(state, strict=True, assign=True)
+    assert set(ours.state_dict()) - set(state) == {"mask_token"}  # every encoder owns one; exports drop it
+    assert set(ours.filter_checkpoint(state, FilterReport())) == set(state)
+    missing, unexpected = ours.load_state_dict(state, strict=False, assign=True)
+    assert missing == ["mask_token"] and unexpected == []
 
 
 def _small_beit(**kwargs) -> torch.nn.Module:
@@ -251,7 +254,7 @@ def test_shared_table_remaps_to_per_layer_for_fine_tuning(tmp_path: Path) -> Non
     pretrained = _small_beit().eval()
     with torch.no_grad():
         pretrained.rel_pos_bias.relative_position_bias_table.normal_()  # a trained-looking table
-    state = pretrained.state_dict()
+    state = encoder_export_state(pretrained)  # the export: no mask token
     per_layer = shared_to_per_layer_rel_pos_bias(state, depth=2)
     assert SHARED_TABLE not in per_layer
     torch.testing.assert_close(per_layer["blocks.1.attn.relative_position_bias_table"], state[SHARED_TABLE])
@@ -269,22 +272,23 @@ def test_shared_table_remaps_to_per_layer_for_fine_tuning(tmp_path: Path) -> Non
     path = tmp_path / "pretrained.pth"
     torch.save({"model": {**state, "rel_pos_bias.relative_position_index": torch.zeros(17, 17)}}, path)
     fine_tune = _small_beit(use_rel_pos_bias=True, use_shared_rel_pos_bias=False).eval()
-    load_beit_checkpoint(fine_tune, path)
+    filtered = fine_tune.filter_checkpoint(load_state_dict_file(path), FilterReport())
+    assert fine_tune.load_state_dict(filtered, strict=False).missing_keys == ["mask_token"]
     torch.testing.assert_close(fine_tune.forward_features(x), pretrained.forward_features(x))
 
 
 def test_official_pretraining_layout_round_trips_through_the_module() -> None:
     """mask_token + lm_head at the top level, as in the released pretraining checkpoints."""
-    encoder = _small_beit(mask_token=True)
+    encoder = _small_beit()
     module = _module(encoder, 32, 8, tokenizer_px=4)
     official = module.official_state_dict()
     assert {"mask_token", "lm_head.weight", SHARED_TABLE, "blocks.0.gamma_1", "norm.weight"} <= set(official)
     assert not any(k.startswith(("encoder.", "tokenizer.")) for k in official)
-    other = _module(_small_beit(mask_token=True), 32, 8, tokenizer_px=4)
+    other = _module(_small_beit(), 32, 8, tokenizer_px=4)
     other.load_official({**official, "rel_pos_bias.relative_position_index": torch.zeros(17, 17)}, strict=True)
     for key, value in official.items():
         torch.testing.assert_close(other.official_state_dict()[key], value)
-    resized = filter_beit_state(official, _small_beit(img_size=64, mask_token=True))
+    resized = checkpoint_filter_fn(official, _small_beit(img_size=64))
     assert resized[SHARED_TABLE].shape == ((2 * 8 - 1) ** 2 + 3, 2)  # timm resizes the table to the new grid
 
 
@@ -311,10 +315,11 @@ PALE = [
 ]  # at 32 px: one stride-32 output token predicting the 2 x 2 grid of 16 px tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder", [VIT, BEIT, PALE], ids=["vit", "beit", "pale"])
 def test_beit_training_runs(tmp_path: Path, tokenizer_file: Path, encoder: list[str]) -> None:
     overrides = _beit_overrides(tmp_path, tokenizer_file, encoder)
-    result = pretrain(compose_config([*overrides, "dataset.train_limit=32", "pictures.every_n_steps=1"]))
+    result = run(compose_config([*overrides, "dataset.train_limit=32", "pictures.every_n_steps=1"]))
     assert result.global_step == 2  # 32 images / batch 16
     assert math.isfinite(result.metrics["train/loss"]) and 0 <= result.metrics["train/mim_accuracy"] <= 1
     assert result.exports["encoder"].is_file() and result.exports["beit_full"].is_file()
@@ -327,16 +332,16 @@ def test_beit_training_runs(tmp_path: Path, tokenizer_file: Path, encoder: list[
         per_layer = load_file(str(result.exports["encoder_per_layer"]))
         assert "blocks.1.attn.relative_position_bias_table" in per_layer and SHARED_TABLE not in per_layer
     if encoder is VIT:  # resume continues (the tokenizer is restored from its own file)
-        resumed = pretrain(compose_config([*overrides, "dataset.train_limit=32", "epochs=2"]))
+        resumed = run(compose_config([*overrides, "dataset.train_limit=32", "epochs=2"]))
         assert resumed.global_step == 4
 
 
 def test_missing_tokenizer_or_wrong_grid_fails_before_work(tmp_path: Path, tokenizer_file: Path) -> None:
     overrides = _beit_overrides(tmp_path, tokenizer_file, VIT)
     with pytest.raises(ConfigError, match=r"objective.tokenizer.path=.*python -m src.train_tokenizer"):
-        pretrain(compose_config([*overrides, f"objective.tokenizer.path={tmp_path / 'none.safetensors'}"]))
+        run(compose_config([*overrides, f"objective.tokenizer.path={tmp_path / 'none.safetensors'}"]))
     with pytest.raises(ConfigError, match=r"objective.target_patch=16"):
-        pretrain(compose_config([*overrides, "objective.target_patch=16"]))
+        run(compose_config([*overrides, "objective.target_patch=16"]))
     with pytest.raises(ConfigError, match=r"objective.mask"):
-        pretrain(compose_config([*overrides, "objective.mask.num_patches=100"]))
+        run(compose_config([*overrides, "objective.mask.num_patches=100"]))
     assert not list(tmp_path.iterdir())  # nothing was written: every check runs before data or model

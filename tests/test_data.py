@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from src.config import ConfigError
 from src.data import (
     EvalTransform,
     PretrainTransform,
@@ -103,7 +104,7 @@ def test_missing_fashion_mnist_falls_back_or_says_how_to_fix(tmp_path, caplog):
     else:
         with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist.*scikit-learn"):
             load_fashion_mnist(tmp_path, "train")
-        with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(tmp_path))} \(dataset.root\)"):
+        with pytest.raises(ConfigError, match=rf"{re.escape(str(tmp_path))} \(dataset.root\)"):
             make_dm(dataset_cfg("fashion_mnist", root=str(tmp_path)), 8, 0)
 
 
@@ -194,23 +195,25 @@ def test_image_folder_skips_and_counts_a_corrupt_file(tmp_path, test_split, capl
 
 
 def test_missing_paths_name_the_config_key(tmp_path):
+    """Missing data is the user's to fix: a config error naming the key, raised before any model exists."""
     missing = tmp_path / "nowhere"
-    with pytest.raises(FileNotFoundError, match=rf"dataset.root: .*{re.escape(str(missing))}"):
+    with pytest.raises(ConfigError, match=rf"dataset.root: .*{re.escape(str(missing))}"):
         make_dm(dataset_cfg("image_folder", root=str(missing)), 8, 0)
-    with pytest.raises(ValueError, match="dataset.root is required"):
+    with pytest.raises(ConfigError, match="dataset.root is required"):
         make_dm(dataset_cfg("image_folder"), 8, 0)
     (tmp_path / "flat").mkdir()
-    with pytest.raises(FileNotFoundError, match=rf"dataset.root: {re.escape(str(tmp_path / 'flat'))} has no class"):
+    with pytest.raises(ConfigError, match=rf"dataset.root: {re.escape(str(tmp_path / 'flat'))} has no class"):
         make_dm(dataset_cfg("image_folder", root=str(tmp_path / "flat")), 8, 0)
     (tmp_path / "flat" / "cls").mkdir()
-    with pytest.raises(FileNotFoundError, match=rf"dataset.val_root: .*{re.escape(str(missing))}"):
+    with pytest.raises(ConfigError, match=rf"dataset.val_root: .*{re.escape(str(missing))}"):
         make_dm(dataset_cfg("image_folder", root=str(tmp_path / "flat"), val_root=str(missing)), 8, 0)
     urls, first = str(tmp_path / "train-{000000..000001}.tar"), re.escape(str(tmp_path / "train-000000.tar"))
-    with pytest.raises(FileNotFoundError, match=rf"dataset.train_urls: shard {first} does not exist"):
+    with pytest.raises(ConfigError, match=rf"dataset.train_urls: shard {first} does not exist"):
         make_dm(dataset_cfg("shards", train_urls=urls, samples_per_epoch=64), 8, 0)
 
 
 # ---- tar shards ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_shard_writer_round_trip_with_two_workers(tmp_path, test_split, capsys):
     images, labels = test_split
     argv = ["--source", "fashion_mnist", "--root", str(FMNIST_ROOT), "--split", "test", "--out", str(tmp_path)]
@@ -272,6 +275,7 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_counted_and_named(tmp_pa
     assert any(str(cut_shard) in line and "truncated" in line and "after 20 samples" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_shard_epochs_drive_a_lightning_fit(tmp_path):
     pattern = write_shards("fashion_mnist", str(FMNIST_ROOT), "test", tmp_path, maxcount=40, limit=80)
     cfg = dataset_cfg("shards", train_urls=pattern, samples_per_epoch=70, img_size=16, shuffle_buffer=20)

@@ -10,20 +10,19 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import TINY, compose_config
+from conftest import TINY, assert_export_reproduces, compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 from skimage import data as skimage_data
 from torch.utils.data import DistributedSampler
 
-from src.checkpoint import load_state_dict_file
 from src.config import ConfigError
 from src.data.builtin import load_fashion_mnist
 from src.data.classification import ClassificationTrainTransform, RepeatedAugmentation
-from src.objectives.deit import DeiT, DistillationLoss
-from src.objectives.supervised import SupervisedClassifier
-from src.objectives.teacher import EFFICIENTNET_LITE0_PACKAGE, IMAGENET_INPUT, InputSpec, build_teacher
-from src.runner import pretrain
+from src.encoders.loading import load_state_dict_file
+from src.methods.deit import DeiT, DistillationLoss
+from src.methods.teacher import EFFICIENTNET_LITE0_PACKAGE, IMAGENET_INPUT, InputSpec, build_teacher
+from src.pipeline.fit import run
 
 TEACHER_ARCH = "resnet10t"  # a small timm convnet: the real teacher path at test cost
 TINY_DATA = [o for o in TINY if "encoder" not in o]  # TINY without its ViT
@@ -90,11 +89,14 @@ def test_distillation_loss_defaults_and_refusals():
 
 
 # ---- the distilled ViT ------------------------------------------------------------------------------------
-def test_official_deit_distilled_checkpoint_loads_strictly_and_predicts_the_same():
+def test_official_deit_distilled_checkpoint_loads_strictly_and_predicts_the_same(tmp_path):
     official = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False).eval()
-    student = timm.create_model("mim_vit_tiny_patch16_distilled", num_classes=1000, img_size=224)
+    path = tmp_path / "deit_tiny_distilled.pth"
+    torch.save({"model": official.state_dict()}, path)  # the released layout
+    student = timm.create_model(  # timm's strict pretrained loading; only the mask token keeps its init
+        "mim_vit_tiny_patch16_distilled", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), img_size=224
+    )
     assert student.pos_embed.shape == (1, 14 * 14 + 2, 192) and student.num_prefix_tokens == 2
-    student.load_state_dict(official.state_dict(), strict=True)
     student.eval()
     images = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -113,10 +115,11 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     runs = tmp_path_factory.mktemp("teacher")
     cfg = compose_config(
         [*TINY_DATA, f"runs_dir={runs}", f"model.arch={TEACHER_ARCH}", "objective.augment.rand_augment=null"],
-        config_name="train_supervised",
+        config_name="supervised",
     )
-    result = pretrain(cfg, objective=SupervisedClassifier)
+    result = run(cfg)
     assert "val/top1" in result.metrics and result.global_step == 4
+    assert_export_reproduces(result.run_dir, result.exports, runs / "again")
     return result.exports["classifier"]
 
 
@@ -133,6 +136,7 @@ def deit_config(tmp_path: Path, teacher: Path, *extra: str, student: list[str] =
     )
 
 
+@pytest.mark.slow
 def test_teacher_sees_the_mixed_batch_and_never_trains(tmp_path, teacher_checkpoint):
     module = DeiT.from_config(deit_config(tmp_path, teacher_checkpoint))  # DeiT defaults: mixup 0.8, cutmix 1.0
     module.train()
@@ -160,10 +164,11 @@ def test_teacher_sees_the_mixed_batch_and_never_trains(tmp_path, teacher_checkpo
     assert not any(id(p) in teacher_params for group in module.param_groups() for p in group["params"])
 
 
+@pytest.mark.slow
 def test_teacher_refusals_name_the_key(tmp_path, teacher_checkpoint):
     missing = tmp_path / "no_teacher.safetensors"
     with pytest.raises(ConfigError, match=r"objective\.teacher\.checkpoint=.*python -m src\.train_supervised"):
-        DeiT.from_config(deit_config(tmp_path, missing))
+        DeiT.check_config(deit_config(tmp_path, missing))
     with pytest.raises(ConfigError, match=r"1000 classes .* 10"):  # ImageNet teacher, Fashion-MNIST student
         DeiT.from_config(
             deit_config(
@@ -189,6 +194,7 @@ def skimage_photo(name: str, spec: InputSpec) -> torch.Tensor:
     return (pixels - torch.tensor(spec.mean).view(3, 1, 1)) / torch.tensor(spec.std).view(3, 1, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_input", [IMAGENET_INPUT, InputSpec.of(256, [0.5] * 3, [0.5] * 3)])
 def test_packaged_efficientnet_lite0_teacher_classifies_real_photos(data_input):
     cfg = OmegaConf.create(
@@ -201,16 +207,18 @@ def test_packaged_efficientnet_lite0_teacher_classifies_real_photos(data_input):
 
 
 # ---- real training --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("student", ["vit", "pale"])
 def test_deit_trains_and_exports(tmp_path, teacher_checkpoint, student):
     overrides = TINY if student == "vit" else [*PALE_TINY, *TINY_DATA]
     cfg = deit_config(tmp_path, teacher_checkpoint, "epochs=1", student=overrides)
-    result = pretrain(cfg)
+    result = run(cfg)
     assert result.global_step == 4 and 0.0 <= result.metrics["val/top1"] <= 1.0
     assert {"train/loss_distill", "val/top1_cls", "val/top1_dist", "knn/top1"} <= set(result.metrics)
 
     ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])  # checkpoints stay student-sized
+    assert_export_reproduces(result.run_dir, result.exports, tmp_path / "again")
     module = DeiT.from_config(cfg)
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"], strict=True)

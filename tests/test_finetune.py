@@ -11,18 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_config
+from conftest import TINY, assert_export_reproduces, compose_config
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import src.encoders.pale  # noqa: F401  (registers pale_* with timm)
-from src.classify import FineTuneClassifier
 from src.config import ConfigError
 from src.encoders import create_encoder
-from src.finetune_runner import finetune
-from src.init_weights import load_encoder_weights
-from src.optim import LARS, layer_decay_groups
-from src.runner import pretrain
+from src.encoders.loading import InitReport, load_encoder_weights
+from src.methods.base import all_pretraining_keys
+from src.methods.classify import FineTuneClassifier
+from src.methods.optim import LARS, layer_decay_groups
+from src.pipeline.fit import run
 
 DECAY = 0.5
 FAST = ["dataset.train_limit=32", "dataset.knn_bank=64", "dataset.knn_queries=32", "epochs=1", "warmup_epochs=0"]
@@ -36,6 +36,11 @@ def scales_by_name(model: torch.nn.Module, layer_decay: float = DECAY) -> dict[s
     return {name: by_id[id(p)] for name, p in model.named_parameters() if id(p) in by_id}
 
 
+def load_file_into(model: torch.nn.Module, path: Path, cfg) -> InitReport:
+    """The fine-tune stage's loading of ``path`` (any kind), official checkpoints' method keys dropped."""
+    return load_encoder_weights(model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder, all_pretraining_keys())
+
+
 def finetune_config(tmp_path: Path, *overrides: str):
     return compose_config([*TINY, *FAST, f"runs_dir={tmp_path}", *overrides], config_name="finetune")
 
@@ -45,7 +50,7 @@ def mae_run(tmp_path_factory) -> Path:
     """A real (tiny) MAE pretraining run: checkpoint, encoder export and the official-layout file."""
     runs = tmp_path_factory.mktemp("mae")
     cfg = compose_config([*TINY, *FAST, *MAE_LIGHT, f"runs_dir={runs}", "run_name=mae", "knn=null"])
-    result = pretrain(cfg)
+    result = run(cfg)
     assert result.checkpoint.is_file() and result.exports["encoder"].is_file()
     return result.run_dir
 
@@ -63,7 +68,7 @@ def test_layer_decay_follows_the_mae_formula_on_vit(global_pool):
     depth = len(model.blocks)
     scales = scales_by_name(model)
     for name, scale in scales.items():
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        if name.startswith(("cls_token", "pos_embed", "patch_embed", "mask_token")):
             layer = 0
         elif name.startswith("blocks."):
             layer = int(name.split(".")[1]) + 1
@@ -83,7 +88,7 @@ def test_layer_decay_follows_the_mae_formula_on_pale():
     scales = scales_by_name(model)
     for name, scale in scales.items():
         parts = name.split(".")
-        if name.startswith("stem"):
+        if name.startswith(("stem", "mask_token")):
             layer = 0
         elif name.startswith("stages.") and parts[2] == "blocks":
             layer = first_block[int(parts[1])] + int(parts[3]) + 1
@@ -103,7 +108,7 @@ def test_layer_decay_groups_exempt_biases_norms_and_tokens_and_lead_with_the_pea
     assert groups[0]["lr_scale"] == 1.0
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
-        exempt = p.ndim <= 1 or name in ("cls_token", "pos_embed")
+        exempt = p.ndim <= 1 or name in ("cls_token", "pos_embed", "mask_token")
         assert (id(p) in decayed) != exempt, name
 
 
@@ -121,6 +126,7 @@ def test_lars_scales_matrix_updates_by_the_trust_ratio_and_leaves_vectors_plain(
 
 
 # ---- loading checkpoints --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_lightning_checkpoint_loads_with_a_full_report_and_norm_moved_to_fc_norm(mae_run):
     cfg = compose_config(TINY)
     model = create_encoder(cfg.encoder, 32, num_classes=10, global_pool="avg")
@@ -132,7 +138,9 @@ def test_lightning_checkpoint_loads_with_a_full_report_and_norm_moved_to_fc_norm
     assert report.unexpected == [] and report.mismatched == []
     assert report.remapped == {"norm.weight": "fc_norm.weight", "norm.bias": "fc_norm.bias"}
     assert any(k.startswith("decoder_blocks.") for k in report.dropped) and "skipped_total" in report.dropped
-    assert set(report.loaded) == (set(saved) - {"norm.weight", "norm.bias"}) | {"fc_norm.weight", "fc_norm.bias"}
+    assert "mask_token" in report.dropped  # pretraining-only: a classifier never takes it
+    expected = (set(saved) - {"norm.weight", "norm.bias", "mask_token"}) | {"fc_norm.weight", "fc_norm.bias"}
+    assert set(report.loaded) == expected
     own = model.state_dict()
     torch.testing.assert_close(own["blocks.1.mlp.fc2.weight"], saved["blocks.1.mlp.fc2.weight"])
     torch.testing.assert_close(own["fc_norm.weight"], saved["norm.weight"])
@@ -145,29 +153,36 @@ def test_lightning_checkpoint_loads_with_a_full_report_and_norm_moved_to_fc_norm
     assert torch.equal(fresh.fc_norm.weight, torch.ones(192))
 
 
+@pytest.mark.slow
 def test_export_file_loads_every_tensor_into_a_bare_encoder(mae_run):
     cfg = compose_config(TINY)
     model = create_encoder(cfg.encoder, 32)
     path = mae_run / "export" / "encoder.safetensors"
-    report = load_encoder_weights(model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder)
+    report = load_encoder_weights(
+        model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder, all_pretraining_keys()
+    )
     exported = load_file(str(path))
     assert report.kind == "export" and report.missing == [] and report.dropped == []
     assert sorted(report.loaded) == sorted(exported)
     torch.testing.assert_close(model.state_dict()["patch_embed.proj.weight"], exported["patch_embed.proj.weight"])
 
 
+@pytest.mark.slow
 def test_official_mae_layout_drops_the_decoder(mae_run):
     cfg = compose_config(TINY)
     model = create_encoder(cfg.encoder, 32)
     path = mae_run / "export" / "mae_full_official.pth"
     official = torch.load(path, map_location="cpu", weights_only=True)["model"]
     assert "decoder_pred.weight" in official and "mask_token" in official  # the official names, decoder included
-    report = load_encoder_weights(model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder)
+    report = load_encoder_weights(
+        model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder, all_pretraining_keys()
+    )
     assert report.kind == "official" and report.missing == [] and report.unexpected == []
     assert set(report.dropped) == {k for k in official if k.startswith(("decoder_", "mask_token"))}
     torch.testing.assert_close(model.state_dict()["norm.weight"], official["norm.weight"])
 
 
+@pytest.mark.slow
 def test_official_deit_layout_drops_the_distillation_token_and_its_position(tmp_path, mae_run):
     cfg = compose_config(TINY)
     state = dict(load_file(str(mae_run / "export" / "encoder.safetensors")))
@@ -178,21 +193,27 @@ def test_official_deit_layout_drops_the_distillation_token_and_its_position(tmp_
     path = tmp_path / "deit.pth"
     torch.save({"model": state}, path)
     model = create_encoder(cfg.encoder, 32, num_classes=10)
-    report = load_encoder_weights(model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder)
+    report = load_encoder_weights(
+        model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder, all_pretraining_keys()
+    )
     assert {"dist_token", "head.weight", "head_dist.weight", "head_dist.bias"} <= set(report.dropped)
     torch.testing.assert_close(model.pos_embed.detach(), pos)
     assert report.missing == ["head.bias", "head.weight"] and any("distillation" in n for n in report.notes)
 
 
+@pytest.mark.slow
 def test_position_embeddings_are_resampled_to_a_new_grid_and_reported(mae_run):
     cfg = compose_config(TINY)
     model = create_encoder(cfg.encoder, 48)  # 12 x 12 patches, pretrained on 8 x 8
     path = mae_run / "export" / "encoder.safetensors"
-    report = load_encoder_weights(model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder)
+    report = load_encoder_weights(
+        model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder, all_pretraining_keys()
+    )
     assert "pos_embed" in report.loaded and any("8x8 to a 12x12" in n for n in report.notes)
     torch.testing.assert_close(model.pos_embed[:, :1], load_file(str(path))["pos_embed"][:, :1])  # cls row kept
 
 
+@pytest.mark.slow
 def test_a_mismatched_checkpoint_is_refused_naming_the_key_unless_not_strict(mae_run):
     cfg = compose_config([*TINY, "encoder.kwargs.depth=1"])  # the checkpoint has 2 blocks
     model = create_encoder(cfg.encoder, 32)
@@ -206,6 +227,7 @@ def test_a_mismatched_checkpoint_is_refused_naming_the_key_unless_not_strict(mae
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, checkpoint_encoder(mae_run)["blocks.0.attn.qkv.weight"])
 
 
+@pytest.mark.slow
 def test_another_recorded_arch_or_shape_is_refused(mae_run):
     cfg = compose_config([*TINY, "encoder=vit_s", "encoder.kwargs.patch_size=4"])
     model = create_encoder(cfg.encoder, 32)
@@ -218,18 +240,19 @@ def test_another_recorded_arch_or_shape_is_refused(mae_run):
 
 def test_bad_task_values_fail_before_training_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="batch_size=15"):
-        FineTuneClassifier.from_config(finetune_config(tmp_path, "batch_size=15"))
+        FineTuneClassifier.check_config(finetune_config(tmp_path, "batch_size=15"))
     with pytest.raises(ConfigError, match="task.layer_decay"):
-        FineTuneClassifier.from_config(finetune_config(tmp_path, "task.layer_decay=1.5"))
+        FineTuneClassifier.check_config(finetune_config(tmp_path, "task.layer_decay=1.5"))
     pale = ["encoder=pale_t", *PALE_SMALL, "task=linear", "dataset.img_size=32", "logger=csv", "num_workers=0"]
     with pytest.raises(ConfigError, match="task.pool=cls"):
-        finetune(compose_config([*pale, f"runs_dir={tmp_path}"], config_name="finetune"))
+        run(compose_config([*pale, f"runs_dir={tmp_path}"], config_name="finetune"))
 
 
 # ---- each task end to end on Fashion-MNIST ---------------------------------------------------------
+@pytest.mark.slow
 def test_classify_fine_tunes_every_weight_with_layer_decayed_lrs(tmp_path, mae_run):
     ckpt = mae_run / "checkpoints" / "last.ckpt"
-    result = finetune(finetune_config(tmp_path, "task=classify", f"init.checkpoint={ckpt}", "batch_size=16"))
+    result = run(finetune_config(tmp_path, "task=classify", f"init.checkpoint={ckpt}", "batch_size=16"))
     assert 0.0 <= result.metrics["val/top1"] <= result.metrics["val/top5"] <= 1.0
     report = json.loads((result.run_dir / "init_report.json").read_text())
     assert report["kind"] == "lightning" and report["missing"] == ["head.bias", "head.weight"]
@@ -248,24 +271,50 @@ def test_classify_fine_tunes_every_weight_with_layer_decayed_lrs(tmp_path, mae_r
     assert exported["head.weight"].shape == (10, 192) and "fc_norm.weight" in exported
 
 
+@pytest.mark.slow
 def test_linear_probe_trains_only_the_probe_on_frozen_features(tmp_path, mae_run):
     export = mae_run / "export" / "encoder.safetensors"
     overrides = ["task=linear", "task.pool=avg", f"init.checkpoint={export}", "task.optim.name=lars"]
-    result = finetune(finetune_config(tmp_path, *overrides))
+    result = run(finetune_config(tmp_path, *overrides))
     assert 0.0 <= result.metrics["val/top1"] <= 1.0
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     pretrained = load_file(str(export))
     for key, value in pretrained.items():  # the encoder did not move
         torch.testing.assert_close(state[f"encoder.{key}"], value)
     assert state["probe.0.running_mean"].abs().sum() > 0  # BatchNorm saw the features
+    assert_export_reproduces(result.run_dir, result.exports, tmp_path / "again")
     assert "probe.0.weight" not in state  # affine=False
 
 
+@pytest.mark.slow
 def test_knn_task_reports_the_protocol_on_the_encoder_and_on_pixels(tmp_path, mae_run):
     ckpt = mae_run / "checkpoints" / "last.ckpt"
-    result = finetune(finetune_config(tmp_path, "task=knn", f"init.checkpoint={ckpt}"))
+    result = run(finetune_config(tmp_path, "task=knn", f"init.checkpoint={ckpt}"))
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["knn/bank_size"] == 64 and metrics["knn/query_size"] == 32
     for key in ("knn/top1", "knn/pixels_top1"):
         assert 0.0 <= metrics[key] <= metrics[key.replace("top1", "top5")] <= 1.0
     assert metrics["knn/pixels_top1"] > 0.3  # 10 classes: raw pixels are far above chance on Fashion-MNIST
+    assert_export_reproduces(result.run_dir, result.exports, tmp_path / "again")  # the encoder it evaluated
+
+
+@pytest.mark.slow
+def test_fine_tuning_rebuilds_the_encoder_the_checkpoint_records(tmp_path, mae_run, capsys):
+    """No encoder overrides needed: the run rebuilds the checkpoint's 2-block, 4 px-patch ViT-Tiny and says so."""
+    ckpt = mae_run / "checkpoints" / "last.ckpt"
+    cfg = compose_config(
+        ["dataset.img_size=32", *FAST, "batch_size=16", "num_workers=0", "logger=csv", f"runs_dir={tmp_path}"]
+        + ["task=knn", f"init.checkpoint={ckpt}", "task.pixels=false"],
+        config_name="finetune",
+    )
+    assert cfg.encoder.name == "vit_b"  # the front door's default, which the checkpoint does not match
+    result = run(cfg)
+    assert "encoder: rebuilt as the checkpoint records it (vit_t" in capsys.readouterr().out
+    saved = OmegaConf.load(result.run_dir / "config.yaml")
+    assert saved.encoder.arch == "mim_vit_tiny_patch16" and saved.encoder.kwargs.depth == 2
+    report = json.loads((result.run_dir / "init_report.json").read_text())
+    assert report["unexpected"] == [] and report["missing"] == []
+    cfg.init.encoder_from_checkpoint = False
+    cfg.encoder = compose_config([], config_name="finetune").encoder
+    with pytest.raises(ConfigError, match="encoder.arch=mim_vit_tiny_patch16 but encoder.arch=mim_vit_base_patch16"):
+        run(cfg)

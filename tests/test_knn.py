@@ -1,4 +1,4 @@
-"""Weighted kNN (shared/data.md protocol) against an explicit per-query computation."""
+"""Weighted kNN (docs/protocols.md protocol) against an explicit per-query computation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from src.knn import knn_predict, topk_accuracy
+from src.evaluation.knn import knn_predict, topk_accuracy
 
 
 def test_knn_votes_match_an_explicit_loop():

@@ -10,10 +10,10 @@ import timm
 import torch
 
 import src.encoders  # noqa: F401  (registers encoders)
-from src.masking import num_kept, random_masking
-from src.objectives.mae import MAE, masked_mse, normalize_patches, patchify, unpatchify
-from src.optim import scaled_lr, warmup_cosine, weight_decay_groups
-from src.pos_embed import sincos_2d
+from src.encoders.pos_embed import sincos_2d
+from src.methods.mae import MAE, masked_mse, normalize_patches, patchify, unpatchify
+from src.methods.masking import num_kept, random_masking
+from src.methods.optim import scaled_lr, warmup_cosine, weight_decay_groups
 
 OPTIM = {"base_lr": 1.5e-4, "reference_batch": 256, "betas": [0.9, 0.95], "weight_decay": 0.05}
 
@@ -185,9 +185,7 @@ def test_attention_runs_through_fused_sdpa(monkeypatch):
 
 
 def test_full_input_path_encodes_mask_tokens_and_keeps_the_loss_on_removed_patches():
-    encoder = timm.create_model(
-        "mim_vit_tiny_patch16", img_size=32, patch_size=4, depth=2, num_classes=0, mask_token=True
-    )
+    encoder = timm.create_model("mim_vit_tiny_patch16", img_size=32, patch_size=4, depth=2, num_classes=0)
     model = MAE(encoder, 32, OPTIM, 4, 1, decoder_dim=64, decoder_depth=1, decoder_heads=4, token_drop=False)
     assert not model.token_drop and model.decoder_prefix == 0
     images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)

@@ -14,6 +14,8 @@ import timm
 import torch
 from conftest import REPO, TINY
 
+pytestmark = pytest.mark.slow  # every test here starts real processes
+
 MAE_LIGHT = ["objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4"]
 
 
@@ -95,7 +97,7 @@ def test_run_writes_checkpoint_exports_pictures_and_offline_wandb(tmp_path):
 
 
 def test_export_of_vit_b_loads_into_timm_vit_base_patch16_224(tmp_path):
-    from src.objectives.mae import MAE
+    from src.methods.mae import MAE
 
     encoder = timm.create_model("mim_vit_base_patch16", img_size=224, num_classes=0)
     module = MAE(
@@ -146,7 +148,7 @@ def test_killed_run_resumes_at_the_same_step(tmp_path):
 
 
 def test_partial_writes_of_a_killed_save_are_removed(tmp_path):
-    from src.checkpoint import AtomicCheckpointIO, remove_partial_writes
+    from src.pipeline.checkpoint import AtomicCheckpointIO, remove_partial_writes
 
     AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(3)}, tmp_path / "last.ckpt")
     stale = tmp_path / ".last.ckpt.abc123.tmp"
@@ -184,7 +186,7 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
 def test_warmup_counts_real_batches_per_epoch_when_max_steps_stops_early(tmp_path, caplog):
     from conftest import compose_config
 
-    from src.runner import pretrain
+    from src.pipeline.fit import run
 
     # 64 images / 16 per batch = 4 steps per epoch: warm-up 1 epoch = 4 steps, whatever epochs/max_steps say
     cfg = compose_config(
@@ -200,5 +202,5 @@ def test_warmup_counts_real_batches_per_epoch_when_max_steps_stops_early(tmp_pat
         ]
     )
     with caplog.at_level("INFO"):
-        assert pretrain(cfg).global_step == 6
+        assert run(cfg).global_step == 6
     assert "warm-up 4 of 6 steps" in caplog.text

@@ -16,10 +16,11 @@ from safetensors.torch import save_file
 from src.config import ConfigError
 from src.data.builtin import load_fashion_mnist
 from src.data.transforms import EvalTransform
+from src.methods.tokenizer import evaluate_tokenizer
+from src.pipeline.fit import run
 from src.tokenizers import DalleEncoder, VQTokenizer, codebook_usage, load_tokenizer, tokenizer_spec
 from src.tokenizers.dalle import map_pixels
-from src.tokenizers.train import evaluate_tokenizer, train_tokenizer
-from tests.conftest import compose_config
+from tests.conftest import assert_export_reproduces, compose_config
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -60,6 +61,7 @@ def _unit_images(split: str, count: int) -> torch.Tensor:
     )
 
 
+@pytest.mark.slow
 def test_tokenizer_training_lowers_reconstruction_loss_on_fashion_mnist(tmp_path: Path) -> None:
     cfg = compose_config(
         [
@@ -85,7 +87,8 @@ def test_tokenizer_training_lowers_reconstruction_loss_on_fashion_mnist(tmp_path
         ],
         config_name="tokenizer",
     )
-    result, report = train_tokenizer(cfg)
+    result = run(cfg)
+    report = {k.removeprefix("tokenizer/"): v for k, v in result.metrics.items() if k.startswith("tokenizer/")}
     assert result.global_step == 48
     losses = _metric_series(result.run_dir / "csv" / "metrics.csv", "train/recon_loss")
     assert len(losses) >= 45
@@ -97,6 +100,7 @@ def test_tokenizer_training_lowers_reconstruction_loss_on_fashion_mnist(tmp_path
     assert report["recon_mse"] < 0.7 * baseline and report["images"] == 256
     assert report["perplexity"] > 4
 
+    assert_export_reproduces(result.run_dir, result.exports, tmp_path / "again")
     usage = json.loads((result.run_dir / "usage.json").read_text())
     assert set(usage) >= {"perplexity", "dead_codes", "used_fraction", "recon_mse"}
     assert result.pictures is not None and list(result.pictures.glob("*.png"))
@@ -119,7 +123,7 @@ def test_tokenizer_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"objective.tokenizer.kind='bpe'"):
         tokenizer_spec(OmegaConf.create({"kind": "bpe", "path": None}))
     with pytest.raises(ConfigError, match="tokenizer.vocab_size"):
-        train_tokenizer(compose_config([f"runs_dir={tmp_path}", "tokenizer.vocab_size=1"], config_name="tokenizer"))
+        run(compose_config([f"runs_dir={tmp_path}", "tokenizer.vocab_size=1"], config_name="tokenizer"))
 
 
 # ---- DALL-E ------------------------------------------------------------------------------------

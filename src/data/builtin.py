@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from src.data.transforms import labelled_sample
+
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_FILES = {
@@ -120,6 +122,4 @@ class TensorImageDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        sample = self.transform(Image.fromarray(self.images[index]))  # 2-D uint8 -> mode "L"
-        sample["label"] = torch.tensor(self.labels[index], dtype=torch.long)
-        return sample
+        return labelled_sample(self.transform, Image.fromarray(self.images[index]), self.labels[index])  # uint8 -> "L"

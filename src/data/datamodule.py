@@ -2,8 +2,9 @@
 
 Batches are dicts: "image" (B, 3, H, W) float, "label" (B,) long (-1 = unlabelled), "skipped" (a long
 scalar: samples of this batch dropped as corrupt) and any extra tensors the sample transform returns.
-The config is checked by ``validate()`` at construction, so a wrong path fails before any model is
-built, with the config key in the message.
+The dataset config is checked by ``validate()`` at construction, so a wrong path or value fails before
+any model is built, as a ConfigError naming the key. Errors while reading the data later are not the
+config's and keep their own type and traceback.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
 
+from src.config import ConfigError
 from src.data.builtin import TensorImageDataset, fashion_mnist_source, load_fashion_mnist
 from src.data.folder import ImageFolderDataset, find_class_folders
 from src.data.shards import ShardDataset, expand_shards
+from src.data.transforms import SampleTransform
 
 log = logging.getLogger(__name__)
 
 KINDS = ("fashion_mnist", "image_folder", "shards")
-SampleTransform = Callable[[Image.Image], dict[str, torch.Tensor]]
 # (training set, world size, rank) -> the training sampler, or None for plain shuffling (e.g. repeated augmentation)
 SamplerFactory = Callable[[Dataset, int, int], Sampler | None]
 
@@ -71,13 +72,13 @@ class SkippingDataLoader(DataLoader):
 def _positive_or_none(cfg: DictConfig, key: str, minimum: int = 1) -> int | None:
     value = cfg.get(key)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
-        raise ValueError(f"dataset.{key} must be null or an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"dataset.{key} must be null or an integer >= {minimum}, got {value!r}")
     return value
 
 
 def _required(cfg: DictConfig, key: str, example: str) -> Any:
     if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg[key] is None:
-        raise ValueError(f"dataset.{key} is required for dataset.kind={cfg.kind} (e.g. dataset.{key}={example})")
+        raise ConfigError(f"dataset.{key} is required for dataset.kind={cfg.kind} (e.g. dataset.{key}={example})")
     return cfg[key]
 
 
@@ -108,22 +109,24 @@ class ImageDataModule(L.LightningDataModule):
 
     # ---- checks --------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Fail fast on a bad config: paths exist, sizes are sane; messages name the config key."""
+        """Fail fast on a bad dataset config: paths exist, sizes are sane; messages name the config key."""
+        try:
+            self._validate()
+        except FileNotFoundError as e:  # a missing folder, file or shard: the user's to fix
+            raise ConfigError(str(e)) from None
+
+    def _validate(self) -> None:
         cfg = self.cfg
         if cfg.get("kind") not in KINDS:
-            raise ValueError(f"dataset.kind must be one of {KINDS}, got {cfg.get('kind')!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ValueError(f"num_workers must be a non-negative integer, got {self.num_workers!r}")
+            raise ConfigError(f"dataset.kind must be one of {KINDS}, got {cfg.get('kind')!r}")
         if _positive_or_none(cfg, "img_size") is None:
-            raise ValueError("dataset.img_size is required")
+            raise ConfigError("dataset.img_size is required")
         for key in ("mean", "std"):
             values = list(_required(cfg, key, "[0.5,0.5,0.5]"))
             if len(values) != 3:
-                raise ValueError(f"dataset.{key} needs 3 values (images are 3-channel), got {values}")
+                raise ConfigError(f"dataset.{key} needs 3 values (images are 3-channel), got {values}")
         if min(cfg.std) <= 0:
-            raise ValueError(f"dataset.std must be positive, got {list(cfg.std)}")
+            raise ConfigError(f"dataset.std must be positive, got {list(cfg.std)}")
         for key in ("knn_bank", "knn_queries", "num_classes"):
             _positive_or_none(cfg, key)
         train_limit = _positive_or_none(cfg, "train_limit", minimum=self.batch_size)
@@ -136,14 +139,17 @@ class ImageDataModule(L.LightningDataModule):
                 find_class_folders(cfg.val_root, "dataset.val_root")
         else:
             if train_limit is not None:
-                raise ValueError("dataset.train_limit does not apply to shards; use dataset.samples_per_epoch")
+                raise ConfigError("dataset.train_limit does not apply to shards; use dataset.samples_per_epoch")
             if self.train_sampler is not None:
-                raise ValueError("dataset.kind=shards streams samples: a training sampler (repeated aug) cannot apply")
-            expand_shards(_required(cfg, "train_urls", "'data/train-{000000..000009}.tar'"), "dataset.train_urls")
-            if cfg.get("val_urls") is not None:
-                expand_shards(cfg.val_urls, "dataset.val_urls")
+                raise ConfigError("dataset.kind=shards streams samples: a training sampler (repeated aug) cannot apply")
+            try:
+                expand_shards(_required(cfg, "train_urls", "'data/train-{000000..000009}.tar'"), "dataset.train_urls")
+                if cfg.get("val_urls") is not None:
+                    expand_shards(cfg.val_urls, "dataset.val_urls")
+            except ValueError as e:  # a pattern that expands to no shards
+                raise ConfigError(str(e)) from None
             if OmegaConf.is_missing(cfg, "samples_per_epoch"):
-                raise ValueError("dataset.samples_per_epoch is required for shards (null = one pass per epoch)")
+                raise ConfigError("dataset.samples_per_epoch is required for shards (null = one pass per epoch)")
             _positive_or_none(cfg, "samples_per_epoch", minimum=self.batch_size)
 
     # ---- datasets ------------------------------------------------------------------------------

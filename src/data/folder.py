@@ -18,6 +18,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
+from src.data.transforms import labelled_sample
+
 log = logging.getLogger(__name__)
 
 # What PIL raises on bad bytes: UnidentifiedImageError/truncation (OSError), SyntaxError from some
@@ -32,6 +34,15 @@ def load_image(source: str | Path | BinaryIO) -> Image.Image:
     img = Image.open(source)
     img.load()
     return img if img.mode in ("L", "RGB") else img.convert("RGB")
+
+
+def decode_or_none(source: str | Path | BinaryIO, where: str) -> Image.Image | None:
+    """The decoded image, or None (with a warning naming ``where``) when its bytes are not a readable image."""
+    try:
+        return load_image(source)
+    except DECODE_ERRORS as exc:
+        log.warning("skipping unreadable image %s: %s", where, exc)
+        return None
 
 
 def spread(items: Sequence[T], limit: int | None) -> list[T]:
@@ -98,11 +109,5 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor] | None:
         path, label = self.samples[index]
-        try:
-            img = load_image(path)
-        except DECODE_ERRORS as exc:
-            log.warning("skipping unreadable image %s: %s", path, exc)
-            return None
-        sample = self.transform(img)
-        sample["label"] = torch.tensor(label, dtype=torch.long)
-        return sample
+        img = decode_or_none(path, path)
+        return None if img is None else labelled_sample(self.transform, img, label)

@@ -26,7 +26,8 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from src.data.folder import DECODE_ERRORS, load_image
+from src.data.folder import decode_or_none
+from src.data.transforms import labelled_sample
 
 log = logging.getLogger(__name__)
 
@@ -151,14 +152,12 @@ class ShardDataset(IterableDataset):
             log.warning("skipping sample without an image (%s) in %s", "/".join(IMAGE_EXTENSIONS), where)
             return None
         try:
-            img = load_image(io.BytesIO(sample[ext]))
             label = int(sample["cls"]) if "cls" in sample else -1
-        except DECODE_ERRORS as exc:
-            log.warning("skipping undecodable sample in %s: %s", where, exc)
+        except ValueError as exc:
+            log.warning("skipping sample with an unreadable label in %s: %s", where, exc)
             return None
-        out = self.transform(img)
-        out["label"] = torch.tensor(label, dtype=torch.long)
-        return out
+        img = decode_or_none(io.BytesIO(sample[ext]), where)
+        return None if img is None else labelled_sample(self.transform, img, label)
 
 
 def _read_shards(shards: Iterator[dict]) -> Iterator[dict]:

@@ -7,13 +7,21 @@ is cropped and resized once per image rather than once per replicated channel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
 from torchvision.transforms import v2
 
 BICUBIC = v2.InterpolationMode.BICUBIC
+SampleTransform = Callable[[Image.Image], dict[str, torch.Tensor]]
+
+
+def labelled_sample(transform: SampleTransform, img: Image.Image, label: int) -> dict[str, torch.Tensor]:
+    """What every dataset yields: the transform's dict plus ``"label"`` (-1 = unlabelled)."""
+    sample = transform(img)
+    sample["label"] = torch.tensor(label, dtype=torch.long)
+    return sample
 
 
 class _ImageTransform:

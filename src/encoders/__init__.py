@@ -6,7 +6,7 @@ from typing import Any
 
 import timm
 
-from src.encoders import beit, deit, pale, vit  # noqa: F401  (registers every family with timm)
+from src.encoders import beit, pale, vit  # noqa: F401  (registers every family with timm)
 from src.encoders.base import MaskedEncoder
 
 
@@ -16,5 +16,5 @@ def create_encoder(cfg: Any, img_size: int, **overrides: Any) -> MaskedEncoder:
     kwargs.setdefault("num_classes", 0)
     model = timm.create_model(cfg.arch, pretrained=False, img_size=img_size, **kwargs)
     if not isinstance(model, MaskedEncoder):
-        raise TypeError(f"encoder.arch={cfg.arch} is not a MaskedEncoder; objectives need the masked-input contract")
+        raise TypeError(f"encoder.arch={cfg.arch} is not a MaskedEncoder; methods need the masked-input contract")
     return model

@@ -9,51 +9,51 @@ mlp.fc2 of block l divided by sqrt(2l). The official pretraining code truncates 
 follows it.
 
 Names are timm's, which are the official checkpoints' (cls_token, mask_token, patch_embed.proj,
-rel_pos_bias.relative_position_bias_table, blocks.N.{gamma_1, attn.q_bias, ...}, norm): official
-pretraining checkpoints load with ``load_beit_checkpoint``; built with ``use_rel_pos_bias=True,
-use_shared_rel_pos_bias=False, global_pool="avg"`` the model has exactly the fine-tuned layout of
-``timm.create_model("beit_base_patch16_224")``. ``shared_to_per_layer_rel_pos_bias`` is the remap
-fine-tuning needs (the shared table copied into every block).
+rel_pos_bias.relative_position_bias_table, blocks.N.{gamma_1, attn.q_bias, ...}, norm). Built with
+``use_rel_pos_bias=True, use_shared_rel_pos_bias=False, global_pool="avg"`` the model has exactly the
+fine-tuned layout of ``timm.create_model("beit_base_patch16_224")``; ``checkpoint_filter_fn`` copies a
+pretraining checkpoint's shared table into every block for it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint
 from timm.models.beit import Beit
 from timm.models.beit import checkpoint_filter_fn as timm_beit_filter
 from torch import nn
 
-from src.checkpoint import load_state_dict_file
-from src.encoders.base import MaskedEncoder
+from src.encoders.base import (
+    FilterReport,
+    PatchTokenEncoder,
+    keeping_own_mask_token,
+    mask_token_in_stem,
+    move_final_norm,
+    pretrained_cfg,
+    side_stream,
+)
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 INIT_STD = 0.02
 
 
-class MaskableBeit(Beit, MaskedEncoder):
+class MaskableBeit(Beit, PatchTokenEncoder):
     """timm Beit that can replace masked patches by a learned token (BEiT's pretraining input)."""
 
     supports_token_drop = False  # the relative position bias is defined on the full grid
 
-    def __init__(
-        self,
-        mask_token: bool = False,
-        weight_init_style: Literal["beit", "timm"] = "beit",
-        **kwargs,
-    ) -> None:
+    def __init__(self, weight_init_style: Literal["beit", "timm"] = "beit", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.patch_size = self.patch_embed.patch_size[0]
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if mask_token else None
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
         if weight_init_style == "beit":
             self._init_beit_pretraining()
-        elif self.mask_token is not None:
-            trunc_normal_(self.mask_token, std=INIT_STD)
+        with side_stream():
+            trunc_normal_(self.mask_token, std=INIT_STD, a=-INIT_STD, b=INIT_STD)
 
     def _init_beit_pretraining(self) -> None:
         """The official pretraining init: N(0, 0.02) truncated at +-0.02 for linears, patch conv and tokens."""
@@ -65,7 +65,7 @@ class MaskableBeit(Beit, MaskedEncoder):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        for token in (self.cls_token, self.mask_token, self.pos_embed):
+        for token in (self.cls_token, self.pos_embed):
             if token is not None:
                 trunc_normal_(token, std=INIT_STD, a=-INIT_STD, b=INIT_STD)
         self.fix_init_weight()  # attn.proj and mlp.fc2 of block l divided by sqrt(2l)
@@ -73,7 +73,10 @@ class MaskableBeit(Beit, MaskedEncoder):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
 
-    def _encode(self, patches: torch.Tensor) -> torch.Tensor:
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return mask_token_in_stem(super().group_matcher(coarse))
+
+    def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
         """cls + patch tokens -> blocks (with the shared bias when there is one) -> final norm."""
         x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
         if self.pos_embed is not None:
@@ -88,61 +91,61 @@ class MaskableBeit(Beit, MaskedEncoder):
         return self.norm(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._encode(self.patch_embed(x))
+        return self.encode_patches(self.patch_embed(x))
 
-    def forward_mask_token(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if self.mask_token is None:
-            raise RuntimeError("this encoder was built without a mask token (mask_token=True)")
-        grid = self.patch_embed.grid_size
-        if tuple(mask.shape[1:]) != tuple(grid):
-            raise ValueError(f"BEiT masks must lie on its {grid} patch grid, got {tuple(mask.shape[1:])}")
-        patches = self.patch_embed(x)
-        patches = torch.where(mask.flatten(1).unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
-        return self._encode(patches)
-
-    def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean of the patch tokens after the final norm (fine-tune layout: mean, then fc_norm, as timm)."""
-        return self.fc_norm(self.forward_features(x)[:, self.num_prefix_tokens :].mean(dim=1))
+    def filter_checkpoint(
+        self, state: dict[str, torch.Tensor], report: FilterReport, norm_to_fc_norm: bool = True
+    ) -> dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state, self, report, norm_to_fc_norm)
 
 
-def shared_to_per_layer_rel_pos_bias(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
-    """Copy the pretraining's shared relative position table into every block (what fine-tuning loads)."""
+def shared_to_per_layer_rel_pos_bias(
+    state: dict[str, torch.Tensor], depth: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Copy the pretraining's shared relative position table into every block (what fine-tuning loads).
+
+    ``depth`` defaults to the number of blocks the state dict holds.
+    """
     if SHARED_TABLE not in state:
         raise KeyError(f"no shared relative position bias ({SHARED_TABLE}) in this state dict")
+    if depth is None:
+        depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
     out = {k: v for k, v in state.items() if not k.startswith("rel_pos_bias.")}
     for i in range(depth):
         out[f"blocks.{i}.attn.relative_position_bias_table"] = state[SHARED_TABLE].clone()
     return out
 
 
-def filter_beit_state(state: dict[str, torch.Tensor], model: Beit) -> dict[str, torch.Tensor]:
-    """Fit a BEiT checkpoint (official or ours) to ``model``.
+def checkpoint_filter_fn(
+    state: dict[str, torch.Tensor], model: Beit, report: FilterReport | None = None, norm_to_fc_norm: bool = True
+) -> dict[str, torch.Tensor]:
+    """Fit a BEiT checkpoint (official or ours) to ``model``, recording every change in ``report``.
 
-    Drops the index buffers and parts the model lacks (mask token, MIM head, classifier when the
-    model has none), remaps a shared table to per-layer tables when the model has those, then lets
-    timm resize tables, position and patch embeddings to the model's grid.
+    Drops the index buffers and parts the model lacks (MIM head, classifier when the model has none), copies
+    a shared table into per-layer tables when the model has those, moves the final norm to ``fc_norm`` under
+    global pooling, then lets timm resize tables, position and patch embeddings to the model's grid.
     """
+    report = report if report is not None else FilterReport()
     own = model.state_dict()
-    per_layer = "blocks.0.attn.relative_position_bias_table" in own
-    if per_layer and SHARED_TABLE in state:
+    if "blocks.0.attn.relative_position_bias_table" in own and SHARED_TABLE in state:
         state = shared_to_per_layer_rel_pos_bias(state, len(model.blocks))
-    optional = ("mask_token", "lm_head.", "head.", "fc_norm.")
-    state = {k: v for k, v in state.items() if k in own or not k.startswith(optional)}
-    return timm_beit_filter(state, model)
+        report.notes.append(f"{SHARED_TABLE}: the shared table copied into each of the {len(model.blocks)} blocks")
+    optional = ("lm_head.", "head.", "fc_norm.")
+    kept = {k: v for k, v in state.items() if k in own or not k.startswith(optional)}
+    report.dropped += sorted(set(state) - set(kept))
+    move_final_norm(kept, model, report, norm_to_fc_norm)
+    return timm_beit_filter(kept, model)
 
 
-def load_beit_checkpoint(
-    model: Beit, path: str | Path, allow_pickle: bool = False, strict: bool = True
-) -> tuple[list[str], list[str]]:
-    """Load an official BEiT (pretraining or fine-tuned) or exported checkpoint; returns (missing, unexpected)."""
-    state = load_state_dict_file(path, allow_pickle=allow_pickle)
-    return model.load_state_dict(filter_beit_state(state, model), strict=strict)
+SIZES: dict[str, dict[str, Any]] = {
+    "mim_beit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, init_values=0.1),
+    "mim_beit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, init_values=0.1),
+    "mim_beit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, init_values=1e-5),
+}
 
 
-def _create(variant_kwargs: dict, **kwargs) -> MaskableBeit:
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> MaskableBeit:
     """Constructors set sizes and the pretraining layout; the config can override any of it."""
-    for timm_only in ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)  # nothing is downloaded: weights come from local files only
     pretraining = dict(
         use_abs_pos_emb=False,
         use_rel_pos_bias=False,
@@ -151,19 +154,29 @@ def _create(variant_kwargs: dict, **kwargs) -> MaskableBeit:
         qkv_bias=True,
         mlp_ratio=4.0,
     )
-    return MaskableBeit(**{**pretraining, **variant_kwargs, **kwargs})
+    return build_model_with_cfg(
+        MaskableBeit,
+        variant,
+        pretrained,
+        pretrained_filter_fn=keeping_own_mask_token(checkpoint_filter_fn),
+        feature_cfg=dict(out_indices=kwargs.pop("out_indices", 3), feature_cls="getter"),
+        **{**pretraining, **SIZES[variant], **kwargs},
+    )
+
+
+default_cfgs = generate_default_cfgs({name: pretrained_cfg("patch_embed.proj") for name in SIZES})
 
 
 @register_model
-def mim_beit_tiny_patch16(**kwargs) -> MaskableBeit:
-    return _create(dict(patch_size=16, embed_dim=192, depth=12, num_heads=3, init_values=0.1), **kwargs)
+def mim_beit_tiny_patch16(pretrained: bool = False, **kwargs: Any) -> MaskableBeit:
+    return _create("mim_beit_tiny_patch16", pretrained, **kwargs)
 
 
 @register_model
-def mim_beit_base_patch16(**kwargs) -> MaskableBeit:
-    return _create(dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, init_values=0.1), **kwargs)
+def mim_beit_base_patch16(pretrained: bool = False, **kwargs: Any) -> MaskableBeit:
+    return _create("mim_beit_base_patch16", pretrained, **kwargs)
 
 
 @register_model
-def mim_beit_large_patch16(**kwargs) -> MaskableBeit:
-    return _create(dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, init_values=1e-5), **kwargs)
+def mim_beit_large_patch16(pretrained: bool = False, **kwargs: Any) -> MaskableBeit:
+    return _create("mim_beit_large_patch16", pretrained, **kwargs)

@@ -1,6 +1,6 @@
 """Pale Transformer (Wu et al., AAAI 2022, arXiv 2112.14000): the project's reference implementation.
 
-No official code exists; this follows /work/shared/specs/pale.md. Layout: every block works on NHWC
+No official code exists; docs/models.md lists the facts it follows. Layout: every block works on NHWC
 tensors (B, H, W, C) so LayerNorm, Linear and the pale grouping act on the last dim; convolutions see
 the same memory through a free ``permute`` to NCHW (channels-last strides).
 
@@ -24,16 +24,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from src.encoders.base import MaskedEncoder
+from src.encoders.base import FilterReport, MaskedEncoder, keeping_own_mask_token, pretrained_cfg, side_stream
 
-__all__ = ["PaleTransformer", "pale_row_attention", "pale_column_attention"]
+__all__ = [
+    "PaleTransformer",
+    "masked_global_attention",
+    "pale_column_attention",
+    "pale_row_attention",
+    "pale_rule_mask",
+]
 
 # q/k/v norm after the depthwise conv. The paper's BatchNorm mixes mask-token statistics across the batch
 # under masked image modelling and is noisy with tiny per-device batches; the channel LayerNorm is per token.
@@ -82,6 +87,28 @@ def pale_column_attention(
     """Column branch: the row branch on the transposed map (views only), w' = w (mod G_c)."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     return pale_row_attention(q, k, v, num_heads, pale_size).transpose(1, 2)
+
+
+# ---- the reference form: the pale rule as a mask over global attention (tests and benchmarks compare to it) ----
+def pale_rule_mask(height: int, width: int, pale_size: int, axis: str, device: torch.device) -> torch.Tensor:
+    """(HW, HW) bool: (h, w) may attend (h', w') iff they share a row group (axis 'row') or column group."""
+    rows, cols = torch.meshgrid(torch.arange(height, device=device), torch.arange(width, device=device), indexing="ij")
+    coord = (rows if axis == "row" else cols).flatten()
+    groups, _ = pale_groups(height if axis == "row" else width, pale_size)
+    return coord[:, None] % groups == coord[None, :] % groups
+
+
+def masked_global_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, mask: torch.Tensor
+) -> torch.Tensor:
+    """The naive form: attention over all H*W tokens of (B, H, W, C) q/k/v, restricted by ``mask``."""
+    batch, height, width, chans = q.shape
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, height * width, num_heads, chans // num_heads).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+    return out.transpose(1, 2).reshape(batch, height, width, chans)
 
 
 class SepConvProj(nn.Module):
@@ -223,7 +250,6 @@ class PaleTransformer(MaskedEncoder):
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        mask_token: bool = False,
     ) -> None:
         """``img_size`` is accepted for timm's API only: nothing depends on the input size."""
         super().__init__()
@@ -244,7 +270,7 @@ class PaleTransformer(MaskedEncoder):
 
         self.stem = nn.Conv2d(in_chans, embed_dim, 7, stride=4, padding=3)
         self.stem_norm = nn.LayerNorm(embed_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim)) if mask_token else None
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, embed_dim))
         num_blocks = sum(depths)
         rates = [drop_path_rate * i / max(num_blocks - 1, 1) for i in range(num_blocks)]  # linear schedule
         self.stages = nn.Sequential(
@@ -268,7 +294,7 @@ class PaleTransformer(MaskedEncoder):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        if self.mask_token is not None:
+        with side_stream():
             trunc_normal_(self.mask_token, std=0.02)
 
     @staticmethod
@@ -386,8 +412,6 @@ class PaleTransformer(MaskedEncoder):
         multiple of the 4 px stem stride; it is upsampled to the stem grid. Returns (B, L, 8C)
         final-normed stride-32 tokens in row-major order.
         """
-        if self.mask_token is None:
-            raise RuntimeError("forward_mask_token needs a mask token: build the model with mask_token=True")
         batch, _, height, width = x.shape
         if mask.dtype != torch.bool or mask.ndim != 3 or mask.shape[0] != batch:
             raise ValueError(f"mask must be a (B={batch}, h, w) bool tensor, got {tuple(mask.shape)} {mask.dtype}")
@@ -406,35 +430,43 @@ class PaleTransformer(MaskedEncoder):
         """Mean of the final-normed stride-32 tokens, (B, 8C)."""
         return self.forward_features(x).mean(dim=(1, 2))
 
+    def filter_checkpoint(
+        self, state: dict[str, torch.Tensor], report: FilterReport, norm_to_fc_norm: bool = True
+    ) -> dict[str, torch.Tensor]:
+        return checkpoint_filter_fn(state, self, report)
+
+
+def checkpoint_filter_fn(
+    state: dict[str, torch.Tensor], model: PaleTransformer, report: FilterReport | None = None
+) -> dict[str, torch.Tensor]:
+    """Pale checkpoints need no remapping: a BatchNorm q/k/v norm's step counters are dropped when absent here.
+
+    Nothing depends on the input size (no position tables), so any checkpoint of the same config fits.
+    """
+    report = report if report is not None else FilterReport()
+    own = model.state_dict()
+    counters = sorted(k for k in state if k.endswith("num_batches_tracked") and k not in own)
+    report.dropped += counters
+    return {k: v for k, v in state.items() if k not in counters}
+
 
 def _create_pale(variant: str, pretrained: bool = False, **kwargs: Any) -> PaleTransformer:
     return build_model_with_cfg(
         PaleTransformer,
         variant,
         pretrained,
+        pretrained_filter_fn=keeping_own_mask_token(checkpoint_filter_fn),
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **kwargs,
     )
 
 
-def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
-        "crop_pct": 0.9,
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "stem",
-        "classifier": "head",
-        "paper_ids": "arXiv:2112.14000",
-        **kwargs,
+default_cfgs = generate_default_cfgs(
+    {
+        name: pretrained_cfg("stem", pool_size=(7, 7), crop_pct=0.9, paper_ids="arXiv:2112.14000")
+        for name in ("pale_tiny_224", "pale_small_224", "pale_base_224")
     }
-
-
-default_cfgs = generate_default_cfgs({"pale_tiny_224": _cfg(), "pale_small_224": _cfg(), "pale_base_224": _cfg()})
+)
 
 
 @register_model

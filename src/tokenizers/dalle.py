@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.checkpoint import load_state_dict_file
+from src.encoders.loading import load_state_dict_file
 from src.tokenizers.base import VisualTokenizer
 
 LOGIT_LAPLACE_EPS = 0.1

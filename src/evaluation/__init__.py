@@ -1,0 +1,1 @@
+"""Evaluation shared by methods and callbacks: weighted kNN on frozen features, confusion-matrix pictures."""

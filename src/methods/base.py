@@ -1,0 +1,268 @@
+"""The one LightningModule every training method extends: config checks, optimizer groups, schedule, logging.
+
+Methods add their heads and a loss (solo-learn's split). What a method declares, and the pipeline
+(``src/pipeline/fit.py``) calls, in order:
+
+- ``check_config(cfg)``: every value of its config section, before any data or model is built;
+- ``train_transform`` / ``eval_transform`` / ``train_sampler``: what its data module needs;
+- ``from_config(cfg)``: the module, encoder included;
+- ``compute_loss`` (and ``make_picture``), ``callbacks``;
+- ``after_fit``: anything measured once training ends; ``export``: its weights in their released formats.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from src.config import ConfigError, check_grid, check_rules
+from src.data.datamodule import ImageDataModule, SamplerFactory, SampleTransform
+from src.data.transforms import EvalTransform, PretrainTransform
+from src.encoders import create_encoder
+from src.encoders.base import EXPORT_DROPPED, HEADS, MaskedEncoder
+from src.encoders.loading import InitReport
+from src.methods.optim import OPTIMIZERS, create_optimizer, scaled_lr, warmup_cosine, weight_decay_groups
+
+
+class TrainingMethod(L.LightningModule):
+    """Shared training machinery; ``optim`` holds base_lr, reference_batch, betas, weight_decay, min_lr."""
+
+    config_section: ClassVar[str] = "objective"  # where the method's settings live in the run config
+    # Key prefixes of the method's own parts in a flat (official) checkpoint: never encoder weights.
+    pretraining_keys: ClassVar[tuple[str, ...]] = ()
+    fits: ClassVar[bool] = True  # False: an evaluation (``trainer.validate``), nothing is trained
+    trains_mask_token: bool = False  # frozen otherwise, so DDP never meets a parameter without a gradient
+    init_report: InitReport | None = None  # what a fine-tune started from; the pipeline publishes it
+
+    def __init__(self, encoder: nn.Module, optim: dict[str, Any], batch_size: int, warmup_epochs: float) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.optim = dict(optim)
+        self.batch_size = batch_size
+        self.warmup_epochs = warmup_epochs
+        self._step_started: float | None = None
+        self.register_buffer("skipped_total", torch.zeros((), dtype=torch.long), persistent=True)
+
+    # ---- what methods implement ----------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        """Refuse impossible values of this method's config section, naming the key. Extend, then call super()."""
+        section = cfg[cls.config_section]
+        if "optim" in section:
+            key = f"{cls.config_section}.optim"
+            check_rules(
+                section.optim,
+                key,
+                [
+                    ("name", lambda v: v in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
+                    ("base_lr", lambda v: v > 0, "must be positive"),
+                    ("weight_decay", lambda v: v >= 0, "must be >= 0"),
+                    ("reference_batch", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
+                ],
+            )
+
+    @classmethod
+    def resolve_config(cls, cfg: DictConfig) -> None:
+        """Settle what the config leaves to the method, in place, before it is checked and saved with the run."""
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> TrainingMethod:
+        """Build the module (encoder included) from the composed run config."""
+        raise NotImplementedError
+
+    @classmethod
+    def common_kwargs(cls, cfg: DictConfig) -> dict[str, Any]:
+        """Arguments every method takes from the run config."""
+        return {
+            "optim": OmegaConf.to_container(cfg[cls.config_section].optim, resolve=True),
+            "batch_size": cfg.batch_size,
+            "warmup_epochs": cfg.warmup_epochs,
+        }
+
+    @classmethod
+    def pixel_stats(cls, cfg: DictConfig) -> tuple[Sequence[float], Sequence[float]]:
+        """(mean, std) the images are normalised with; pictures undo it."""
+        return cfg.dataset.mean, cfg.dataset.std
+
+    @classmethod
+    def train_transform(cls, cfg: DictConfig) -> SampleTransform:
+        """Per-sample training transform run in DataLoader workers (MAE's crop + flip by default)."""
+        return PretrainTransform(cfg.dataset.img_size, *cls.pixel_stats(cfg))
+
+    @classmethod
+    def eval_transform(cls, cfg: DictConfig) -> SampleTransform:
+        """The deterministic view of the labelled split (kNN, validation)."""
+        return EvalTransform(cfg.dataset.img_size, *cls.pixel_stats(cfg))
+
+    @classmethod
+    def train_sampler(cls, cfg: DictConfig) -> SamplerFactory | None:
+        """How the datamodule samples training images (e.g. DeiT's repeated augmentation); None = shuffle."""
+        return None
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return the loss and any extra scalars to log."""
+        raise NotImplementedError
+
+    def make_picture(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """An image grid (3, H, W) in [0, 1] showing what the method does, or None."""
+        return None
+
+    def callbacks(self, run_dir: Path) -> list[L.Callback]:
+        """Method-specific callbacks added by the pipeline (e.g. confusion-matrix pictures)."""
+        return []
+
+    def evaluation_loaders(self, datamodule: ImageDataModule) -> list:
+        """What ``trainer.validate`` reads for a method that trains nothing (``fits = False``)."""
+        return [datamodule.val_dataloader()]
+
+    def after_fit(self, trainer: L.Trainer, datamodule: ImageDataModule, run_dir: Path) -> dict[str, float]:
+        """Measurements taken once on rank zero after training (e.g. a tokenizer's codebook usage)."""
+        return {}
+
+    def export(self, out_dir: Path) -> dict[str, Path]:
+        """Write the encoder in timm naming as safetensors; methods add their own formats."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "encoder.safetensors"
+        state = {k: v.contiguous() for k, v in encoder_export_state(self.encoder).items()}
+        save_file(state, str(path), metadata={"format": "pt"})
+        return {"encoder": path}
+
+    # ---- training ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Freeze an unused mask token before the strategy wraps the model (DDP rejects gradient-less parameters)."""
+        if isinstance(self.encoder, MaskedEncoder):
+            self.encoder.mask_token.requires_grad_(self.trains_mask_token)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, extras = self.compute_loss(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
+        self.skipped_total += batch.get("skipped", torch.zeros((), dtype=torch.long, device=self.device)).sum()
+        self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size)
+        for key, value in extras.items():
+            self.log(f"train/{key}", value, batch_size=self.batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=self.batch_size)
+        self.log("data/skipped", self.skipped_total.float(), batch_size=self.batch_size)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._step_started is None:
+            return
+        seconds = time.perf_counter() - self._step_started
+        images = batch["image"].shape[0] * self.trainer.world_size
+        self.log("train/images_per_sec", images / max(seconds, 1e-9), prog_bar=True, batch_size=self.batch_size)
+
+    # ---- optimisation --------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Weight decay on matrices only (biases and 1-D params exempt), as MAE/BEiT pretraining do."""
+        return weight_decay_groups(self.named_parameters(), self.optim["weight_decay"])
+
+    def global_batch(self) -> int:
+        return self.batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    def configure_optimizers(self) -> dict:
+        lr = scaled_lr(self.optim["base_lr"], self.global_batch(), self.optim["reference_batch"])
+        groups = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in self.param_groups()]  # layer-wise lr decay
+        optimizer = create_optimizer(groups, lr, self.optim)
+        total = int(self.trainer.estimated_stepping_batches)  # also loads the train loader: batches are known
+        steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+        warmup = min(int(self.warmup_epochs * steps_per_epoch), total)
+        schedule = partial(
+            warmup_cosine, warmup_steps=warmup, total_steps=total, min_ratio=self.optim.get("min_lr", 0.0) / lr
+        )
+        rank_zero_info(  # a log line: LightningModule.print drops output before the progress bar exists
+            f"lr {lr:.3g} (base {self.optim['base_lr']:g} x {self.global_batch()}/"
+            f"{self.optim['reference_batch']}), warm-up {warmup} of {total} steps"
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
+        }
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    frozen_parts: ClassVar[tuple[str, ...]] = ()  # submodules loaded from their own files, kept out of checkpoints
+
+    def train(self, mode: bool = True) -> TrainingMethod:
+        """Frozen parts stay in eval mode whatever the trainer asks."""
+        super().train(mode)
+        for name in self.frozen_parts:
+            part = getattr(self, name, None)
+            if part is not None:
+                part.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave frozen parts (a tokenizer, a teacher) out: they have their own files and may be large."""
+        prefixes = tuple(f"{name}." for name in self.frozen_parts)
+        if prefixes:
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume with the configured frozen parts' weights, so that loading stays strict."""
+        for name in self.frozen_parts:
+            part = getattr(self, name)
+            if part is not None:
+                checkpoint["state_dict"].update({f"{name}.{k}": v for k, v in part.state_dict().items()})
+
+    # ---- the official release's layout (MAE, BEiT) ------------------------------------------------
+    official_skip: ClassVar[tuple[str, ...]] = ()  # keys of ours the official layout has no place for
+
+    def _not_official(self, key: str) -> bool:
+        frozen = tuple(f"{name}." for name in self.frozen_parts)
+        return key == "skipped_total" or key.startswith(("encoder.head.", *frozen, *self.official_skip))
+
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model named as the official release names it: encoder keys at the top level."""
+        return {
+            k.removeprefix("encoder."): v.detach().cpu()
+            for k, v in self.state_dict().items()
+            if not self._not_official(k)
+        }
+
+    def load_official(self, state: dict[str, torch.Tensor], strict: bool = True):
+        """Load an official checkpoint (its ``model`` entry); what it has no place for keeps our values."""
+        own = self.state_dict()
+        renamed = {
+            (k if k in own else f"encoder.{k}"): v for k, v in state.items() if "relative_position_index" not in k
+        }
+        renamed |= {k: v for k, v in own.items() if self._not_official(k) and k not in renamed}
+        return self.load_state_dict(renamed, strict=strict)
+
+
+def encoder_export_state(encoder: nn.Module, heads: bool = False) -> dict[str, torch.Tensor]:
+    """Encoder weights in timm naming, without pretraining-only parts (mask token) or, unless asked, a classifier."""
+    drop = EXPORT_DROPPED if heads else EXPORT_DROPPED + HEADS
+    return {k: v.detach().cpu() for k, v in encoder.state_dict().items() if not k.startswith(drop)}
+
+
+def all_pretraining_keys() -> tuple[str, ...]:
+    """Every registered method's ``pretraining_keys``: what an official checkpoint may carry besides the encoder."""
+    from src.methods import METHODS  # the registry imports every method module, this one included
+
+    return tuple(sorted({key for method in METHODS.values() for key in method.pretraining_keys}))
+
+
+def encoder_from_config(cfg: DictConfig, **overrides: Any) -> MaskedEncoder:
+    """``create_encoder`` for the run's image size; kwargs that do not fit the arch are a config error."""
+    try:
+        encoder = create_encoder(cfg.encoder, cfg.dataset.img_size, **overrides)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"encoder={cfg.encoder.name} ({cfg.encoder.arch}) with {dict(overrides)}: {e}") from None
+    check_grid(encoder, cfg.dataset.img_size)
+    return encoder

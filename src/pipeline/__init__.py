@@ -1,0 +1,1 @@
+"""The one fit pipeline every run goes through (``fit.py``), with its checkpoint I/O, loggers and callbacks."""

@@ -1,0 +1,184 @@
+"""The one pipeline every run goes through: validate -> data -> method -> trainer -> fit -> export -> summary.
+
+Pretraining, fine-tuning, the kNN evaluation, the teacher trainer and the tokenizer trainer differ only in
+the method the config names (``cfg.method``, looked up in ``src.methods.METHODS``). A method that trains
+nothing (``fits = False``, the kNN evaluation) is validated once instead of fitted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import ConfigError, validate
+from src.data.datamodule import build_datamodule
+from src.methods import method_class
+from src.methods.base import TrainingMethod
+from src.pipeline.callbacks import KNNMonitor, PictureLogger
+from src.pipeline.checkpoint import AtomicCheckpointIO, remove_partial_writes
+from src.pipeline.loggers import build_loggers, wandb_run_dir
+
+log = logging.getLogger(__name__)
+CONFIG_FILE = "config.yaml"  # the run's resolved config, as the method settled it (export rebuilds from it)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path | None
+    exports: dict[str, Path] = field(default_factory=dict)
+    pictures: Path | None = None
+    wandb_dir: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    global_step: int = 0
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    """`auto`: bf16 mixed precision on a GPU that has it, full fp32 on the CPU."""
+    if trainer_cfg.precision != "auto":
+        return str(trainer_cfg.precision)
+    on_gpu = trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def resume_checkpoint(run_dir: Path, resume: str | bool) -> Path | None:
+    """auto: continue if the run has a last checkpoint; true: insist on one; false: refuse to overwrite one."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    for stale in remove_partial_writes(last.parent):
+        log.warning("removed %s, left half-written by a killed save", stale)
+    if resume is True and not last.is_file():
+        raise ConfigError(f"resume=true but there is no checkpoint at {last}")
+    if resume is False and last.is_file():
+        raise ConfigError(f"run_dir={run_dir} already holds {last}: pass resume=auto to continue or a new run_name")
+    return last if last.is_file() else None
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], loggers: list) -> L.Trainer:
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs["precision"] = resolve_precision(cfg.trainer)
+    return L.Trainer(
+        **trainer_kwargs,
+        default_root_dir=str(run_dir),
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+    )
+
+
+def prepare(cfg: DictConfig) -> type[TrainingMethod]:
+    """Everything checked before any work: shared keys, then the method's own; the method may settle the config."""
+    validate(cfg)
+    method = method_class(cfg.method)
+    method.resolve_config(cfg)
+    method.check_config(cfg)
+    return method
+
+
+@rank_zero_only
+def write_run_files(run_dir: Path, cfg: DictConfig, metrics: dict[str, float] | None = None) -> None:
+    """The resolved config (what ``python -m src.export`` rebuilds from) and, at the end, the final metrics."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if metrics is not None:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def run(cfg: DictConfig) -> RunResult:
+    """Fit (or, for an evaluation, validate) the method ``cfg.method`` names, then export and summarise."""
+    method = prepare(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.run_dir).resolve()
+    ckpt_path = resume_checkpoint(run_dir, cfg.resume) if method.fits else None
+    write_run_files(run_dir, cfg)
+
+    datamodule = build_datamodule(  # data first: a wrong path fails before any model is built
+        cfg.dataset,
+        train_transform=method.train_transform(cfg),
+        eval_transform=method.eval_transform(cfg),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        train_sampler=method.train_sampler(cfg),
+    )
+    module = method.from_config(cfg)
+    if module.init_report is not None:
+        module.init_report.publish(run_dir)
+    if cfg.get("encoder") is not None:  # fine-tuning rebuilds the encoder a checkpoint records
+        module.hparams["encoder_config"] = OmegaConf.to_container(cfg.encoder, resolve=True)
+
+    callbacks: list[L.Callback] = [*module.callbacks(run_dir)]
+    pictures = None
+    if method.fits:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints",
+                save_last=True,
+                save_top_k=0,
+                every_n_train_steps=cfg.checkpoint_every_n_steps,
+                save_on_train_epoch_end=True,
+            )
+        )
+        mean, std = method.pixel_stats(cfg)
+        pictures = PictureLogger(run_dir / "pictures", cfg.pictures.every_n_steps, cfg.pictures.num_images, mean, std)
+        callbacks.append(pictures)
+    knn = None
+    if cfg.get("knn") is not None:  # off for models outside the encoder contract (a supervised convnet teacher)
+        knn = KNNMonitor(cfg.knn.every_n_epochs, cfg.knn.k, cfg.knn.temperature)
+        callbacks.append(knn)
+    loggers = build_loggers(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir, callbacks, loggers)
+
+    checkpoint = None
+    if method.fits:
+        if ckpt_path is not None:
+            log.info("resuming from %s", ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        checkpoint = run_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(checkpoint, weights_only=False)  # full state: a max_steps stop would lose steps
+    else:
+        trainer.validate(module, dataloaders=module.evaluation_loaders(datamodule), verbose=False)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1} | (knn.last if knn else {})
+    result = RunResult(
+        run_dir=run_dir,
+        checkpoint=checkpoint,
+        pictures=run_dir / "pictures" if pictures is not None and pictures.saved else None,
+        wandb_dir=wandb_run_dir(loggers) if trainer.is_global_zero else None,
+        metrics=metrics,
+        global_step=trainer.global_step,
+    )
+    if trainer.is_global_zero:
+        extra = module.after_fit(trainer, datamodule, run_dir)
+        if extra:
+            for logger in trainer.loggers:
+                logger.log_metrics(extra, step=trainer.global_step)
+                logger.save()
+            result.metrics |= extra
+        if cfg.get("export", True):
+            result.exports = module.export(run_dir / "export")
+    write_run_files(run_dir, cfg, result.metrics)
+    return result
+
+
+def summary(result: RunResult) -> str:
+    """The one block a user reads at the end of a run."""
+    lines = [f"run finished at step {result.global_step}: {result.run_dir}"]
+    if result.checkpoint:
+        lines.append(f"  checkpoint : {result.checkpoint}  (resume: same command, resume=auto)")
+    for name, path in result.exports.items():
+        lines.append(f"  export     : {name} -> {path}")
+    if result.pictures:
+        lines.append(f"  pictures   : {result.pictures}")
+    if result.wandb_dir:
+        lines.append(f"  W&B run    : {result.wandb_dir}  (offline runs upload with `wandb sync {result.wandb_dir}`)")
+    shown = {k: v for k, v in result.metrics.items() if k.startswith(("train/loss", "knn/", "val/", "tokenizer/"))}
+    if shown:
+        lines.append("  metrics    : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
+    return "\n".join(lines)
