@@ -9,8 +9,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, get_args
 
+from lightning.fabric.connector import _PRECISION_INPUT
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -31,6 +32,9 @@ def exit_on_config_error() -> Iterator[None]:
 _ABSENT = object()
 Rule = tuple[str, Callable[[Any], bool], str]  # (key, predicate, what the value must be)
 
+# What Lightning accepts as a precision (its own type), plus our "auto".
+PRECISIONS = ("auto", *(str(v) for arg in get_args(_PRECISION_INPUT) for v in get_args(arg)))
+
 # The keys every run shares. Keys absent from a composed config are not checked.
 SHARED_RULES: list[Rule] = [
     ("batch_size", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
@@ -39,6 +43,10 @@ SHARED_RULES: list[Rule] = [
     ("num_workers", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
     ("dataset.img_size", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
     ("resume", lambda v: v in ("auto", True, False), "must be auto, true or false"),
+    ("trainer.max_epochs", lambda v: v is None or v == -1 or v >= 1, "must be -1 (no limit) or at least 1"),
+    ("trainer.max_steps", lambda v: v is None or v == -1 or v >= 1, "must be -1 (no limit) or at least 1"),
+    ("trainer.precision", lambda v: str(v) in PRECISIONS, f"must be one of {PRECISIONS}"),
+    ("trainer.accumulate_grad_batches", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
 ]
 
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from src.config import ConfigError, exit_on_config_error
 from src.methods import method_class
-from src.pipeline.fit import CONFIG_FILE
+from src.pipeline.run_folder import CONFIG_FILE
 
 
 def export_run(run_dir: Path, checkpoint: Path | None = None, out_dir: Path | None = None) -> dict[str, Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -148,13 +149,18 @@ def test_killed_run_resumes_at_the_same_step(tmp_path):
 
 
 def test_partial_writes_of_a_killed_save_are_removed(tmp_path):
-    from src.pipeline.checkpoint import AtomicCheckpointIO, remove_partial_writes
+    from src.pipeline.checkpoint import AtomicCheckpointIO
+    from src.pipeline.run_folder import remove_dead_partial_writes
 
     AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(3)}, tmp_path / "last.ckpt")
-    stale = tmp_path / ".last.ckpt.abc123.tmp"
-    stale.write_bytes(b"half a checkpoint")
-    assert remove_partial_writes(tmp_path) == [stale]
-    assert not stale.exists() and torch.load(tmp_path / "last.ckpt", weights_only=True)["step"] == 3
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".last.ckpt.{host}.{int(dead.stdout)}.abc123.tmp"  # its writer has exited
+    live = tmp_path / f".last.ckpt.{host}.{os.getpid()}.def456.tmp"  # a writer that is still running
+    for path in (stale, live):
+        path.write_bytes(b"half a checkpoint")
+    assert remove_dead_partial_writes(tmp_path) == [stale]
+    assert not stale.exists() and live.exists() and torch.load(tmp_path / "last.ckpt", weights_only=True)["step"] == 3
 
 
 def test_resume_false_refuses_to_overwrite(tmp_path):

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, defa
 
 from src.config import ConfigError
 from src.data.builtin import TensorImageDataset, fashion_mnist_source, load_fashion_mnist
-from src.data.folder import ImageFolderDataset, find_class_folders
+from src.data.folder import ImageFolderDataset, find_class_folders, scan_image_folder
 from src.data.shards import ShardDataset, expand_shards
 from src.data.transforms import SampleTransform
 
@@ -105,6 +105,7 @@ class ImageDataModule(L.LightningDataModule):
         self._bank: Dataset | None = None
         self._queries: Dataset | None = None
         self._classes: list[str] | None = None
+        self._scanned: tuple[list[tuple[str, int]], dict[str, int]] | None = None
         self.validate()
 
     # ---- checks --------------------------------------------------------------------------------
@@ -134,7 +135,9 @@ class ImageDataModule(L.LightningDataModule):
         if cfg.kind == "fashion_mnist":
             fashion_mnist_source(_required(cfg, "root", "/usr/share/datasets/fashion-mnist"))
         elif cfg.kind == "image_folder":
-            self._classes = find_class_folders(_required(cfg, "root", "/data/imagenet/train"), "dataset.root")
+            root = _required(cfg, "root", "/data/imagenet/train")
+            self._scanned = scan_image_folder(root, "dataset.root")  # listed once here, reused by setup
+            self._classes = sorted(self._scanned[1])
             if cfg.get("val_root") is not None:
                 find_class_folders(cfg.val_root, "dataset.val_root")
         else:
@@ -165,7 +168,7 @@ class ImageDataModule(L.LightningDataModule):
             self._bank = TensorImageDataset(train_images, train_labels, self.eval_transform, cfg.get("knn_bank"))
             self._queries = TensorImageDataset(test_images, test_labels, self.eval_transform, cfg.get("knn_queries"))
         elif cfg.kind == "image_folder":
-            train = ImageFolderDataset(cfg.root, self.train_transform, key="dataset.root")
+            train = ImageFolderDataset(cfg.root, self.train_transform, key="dataset.root", scanned=self._scanned)
             self._train = train.view(self.train_transform, cfg.get("train_limit"))
             if cfg.get("val_root") is not None:
                 self._bank = train.view(self.eval_transform, cfg.get("knn_bank"))

@@ -76,6 +76,10 @@ def scan_image_folder(
     samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise FileNotFoundError(f"{key}: no image files ({', '.join(IMG_EXTENSIONS)}) under {root}/<class>/")
+    labelled = {label for _, label in samples}
+    empty = [name for name in classes if class_to_idx[name] not in labelled]
+    if empty:
+        raise FileNotFoundError(f"{key}: class folders {empty} under {root} hold no image files")
     return samples, class_to_idx
 
 
@@ -90,8 +94,10 @@ class ImageFolderDataset(Dataset):
         key: str = "dataset.root",
         class_to_idx: dict[str, int] | None = None,
         limit: int | None = None,
+        scanned: tuple[list[tuple[str, int]], dict[str, int]] | None = None,
     ) -> None:
-        self.scanned, self.class_to_idx = scan_image_folder(root, key, class_to_idx)
+        """``scanned``: what ``scan_image_folder(root, key)`` already returned, so a large folder is listed once."""
+        self.scanned, self.class_to_idx = scanned or scan_image_folder(root, key, class_to_idx)
         self.samples = spread(self.scanned, limit)
         self.transform = transform
 

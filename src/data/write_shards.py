@@ -85,7 +85,7 @@ def write_shards(
     last = num_shards - 1
     pattern = str(out / (f"{prefix}-{last:06d}.tar" if last == 0 else f"{prefix}-{{000000..{last:06d}}}.tar"))
     log.info(
-        "wrote %d samples to %d shards; train with dataset.train_urls='%s' dataset.samples_per_epoch=%d",
+        "wrote %d samples to %d shards; train with \"dataset.train_urls='%s'\" dataset.samples_per_epoch=%d",
         count,
         num_shards,
         pattern,

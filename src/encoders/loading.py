@@ -17,6 +17,7 @@ changes are reported; anything that still does not fit refuses to load unless ``
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,13 +26,23 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from src.config import ConfigError
 from src.encoders.base import EXPORT_DROPPED, HEADS, FilterReport, MaskedEncoder
 
 KINDS = ("auto", "lightning", "export", "official", "random")
 ENCODER_PREFIX = "encoder."
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Tensors as safetensors, readable as the user's umask allows (the library itself writes 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata or {"format": "pt"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+    return path
 
 
 def load_state_dict_file(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -23,7 +23,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -32,7 +31,7 @@ from src.data.datamodule import ImageDataModule, SamplerFactory, SampleTransform
 from src.data.transforms import EvalTransform, PretrainTransform
 from src.encoders import create_encoder
 from src.encoders.base import EXPORT_DROPPED, HEADS, MaskedEncoder
-from src.encoders.loading import InitReport
+from src.encoders.loading import InitReport, save_weights
 from src.methods.optim import OPTIMIZERS, create_optimizer, scaled_lr, warmup_cosine, weight_decay_groups
 
 
@@ -133,11 +132,7 @@ class TrainingMethod(L.LightningModule):
 
     def export(self, out_dir: Path) -> dict[str, Path]:
         """Write the encoder in timm naming as safetensors; methods add their own formats."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / "encoder.safetensors"
-        state = {k: v.contiguous() for k, v in encoder_export_state(self.encoder).items()}
-        save_file(state, str(path), metadata={"format": "pt"})
-        return {"encoder": path}
+        return {"encoder": save_weights(encoder_export_state(self.encoder), out_dir / "encoder.safetensors")}
 
     # ---- training ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

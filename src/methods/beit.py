@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
-from safetensors.torch import save_file
 from timm.layers import trunc_normal_
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
@@ -36,6 +35,7 @@ from src.data.transforms import _ImageTransform
 from src.encoders import create_encoder
 from src.encoders.base import MaskedEncoder
 from src.encoders.beit import SHARED_TABLE, shared_to_per_layer_rel_pos_bias
+from src.encoders.loading import save_weights
 from src.methods.base import TrainingMethod, encoder_export_state
 from src.methods.grid import TargetLayout, check_target_grid, target_layout, tokens_to_target_grid
 from src.methods.masking import BlockwiseMaskGenerator, WorkerGenerator, beit_mask_counts
@@ -255,5 +255,5 @@ class BEiT(TrainingMethod):
         if SHARED_TABLE in state:
             per_layer = shared_to_per_layer_rel_pos_bias(state)
             paths["encoder_per_layer"] = out_dir / "encoder_per_layer_rel_pos.safetensors"
-            save_file({k: v.contiguous() for k, v in per_layer.items()}, str(paths["encoder_per_layer"]))
+            save_weights(per_layer, paths["encoder_per_layer"])
         return paths

@@ -78,7 +78,9 @@ class KNNEvaluation(TrainingMethod):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images = batch["image"]
-        self.features["encoder"][dataloader_idx].append(F.normalize(self.encoder.forward_pooled(images).float(), dim=1))
+        with torch.autocast(self.device.type, enabled=False):  # the protocol's features are fp32 on every device
+            pooled = self.encoder.forward_pooled(images.float())
+        self.features["encoder"][dataloader_idx].append(F.normalize(pooled, dim=1))
         if self.pixels:
             self.features["pixels"][dataloader_idx].append(F.normalize(images.flatten(1).float(), dim=1))
         self.labels[dataloader_idx].append(batch["label"])

@@ -20,13 +20,13 @@ from omegaconf import DictConfig
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from src.config import check_rules
+from src.config import ConfigError, check_rules
 from src.encoders import create_encoder
 from src.encoders.base import MaskedEncoder
 from src.encoders.pos_embed import sincos_2d
 from src.methods.base import TrainingMethod
 from src.methods.grid import check_target_grid, target_layout, tokens_to_target_grid
-from src.methods.masking import random_masking
+from src.methods.masking import num_kept, random_masking
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -111,7 +111,14 @@ class MAE(TrainingMethod):
                 ("decoder_dim", lambda v: isinstance(v, int) and v % 4 == 0, "must be divisible by 4 (sin-cos table)"),
             ],
         )
-        check_target_grid(cfg)
+        layout = check_target_grid(cfg)
+        kept, total = num_kept(layout.num_targets, cfg.objective.mask_ratio), layout.num_targets
+        if not 1 <= kept < total:
+            raise ConfigError(
+                f"objective.mask_ratio={cfg.objective.mask_ratio} keeps {kept} of the {total} patches of the "
+                f"{layout.target_grid[0]}x{layout.target_grid[1]} grid: MAE needs at least one visible and one "
+                "removed patch"
+            )
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> MAE:

@@ -14,7 +14,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 from timm.data import Mixup
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -24,6 +23,7 @@ from src.data.classification import ClassificationTrainTransform, RepeatedAugmen
 from src.data.datamodule import SamplerFactory
 from src.data.folder import find_class_folders
 from src.encoders.base import MaskedEncoder
+from src.encoders.loading import save_weights
 from src.methods.base import TrainingMethod, encoder_export_state
 from src.methods.optim import weight_decay_groups
 from src.methods.teacher import ClassifierRecord, InputSpec
@@ -154,11 +154,8 @@ class SupervisedClassifier(TrainingMethod):
         """classifier.safetensors (timm naming, with its record as metadata, loadable as a teacher); encoders
         of the masked-input contract also get the backbone export."""
         paths = super().export(out_dir) if isinstance(self.encoder, MaskedEncoder) else {}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths["classifier"] = out_dir / "classifier.safetensors"
-        state = {k: v.detach().cpu().contiguous() for k, v in self.classifier_state().items()}
-        metadata = self.record.metadata() if self.record is not None else {"format": "pt"}
-        save_file(state, str(paths["classifier"]), metadata=metadata)
+        metadata = self.record.metadata() if self.record is not None else None
+        paths["classifier"] = save_weights(self.classifier_state(), out_dir / "classifier.safetensors", metadata)
         return paths
 
 

@@ -1,4 +1,4 @@
-"""Checkpoint I/O for Lightning: atomic writes, weights-only reads, and clean-up of a killed save."""
+"""Checkpoint I/O for Lightning: atomic writes that keep the previous checkpoint, and weights-only reads."""
 
 from __future__ import annotations
 
@@ -10,29 +10,34 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-PARTIAL_SUFFIX = ".tmp"
+from src.pipeline.run_folder import LAST, PARTIAL_SUFFIX, PREVIOUS, partial_name
 
 
-def remove_partial_writes(folder: Path) -> list[Path]:
-    """Delete temporary files that a killed save left behind (the checkpoints themselves are never partial)."""
-    stale = sorted(folder.glob(f".*{PARTIAL_SUFFIX}")) if folder.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)  # DDP ranks may race here at start-up
-    return stale
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves half a file."""
+    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves half a file.
+
+    Before a new ``last.ckpt`` replaces the old one, the old one becomes ``last-previous.ckpt``, so a
+    checkpoint that turns out unreadable always has an older one beside it. Files get the user's umask.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=partial_name(path), suffix=PARTIAL_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600, which hides checkpoints in shared folders
+            if path.name == LAST and path.is_file():
+                os.replace(path, path.with_name(PREVIOUS))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -18,16 +18,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import ConfigError, validate
+from src.config import validate
 from src.data.datamodule import build_datamodule
 from src.methods import method_class
 from src.methods.base import TrainingMethod
 from src.pipeline.callbacks import KNNMonitor, PictureLogger
-from src.pipeline.checkpoint import AtomicCheckpointIO, remove_partial_writes
-from src.pipeline.loggers import build_loggers, wandb_run_dir
+from src.pipeline.checkpoint import AtomicCheckpointIO
+from src.pipeline.loggers import build_loggers, check_logger, wandb_run_dir
+from src.pipeline.run_folder import check_same_run, record_run, resume_checkpoint, run_lock
 
 log = logging.getLogger(__name__)
-CONFIG_FILE = "config.yaml"  # the run's resolved config, as the method settled it (export rebuilds from it)
 
 
 @dataclass
@@ -49,18 +49,6 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
     return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def resume_checkpoint(run_dir: Path, resume: str | bool) -> Path | None:
-    """auto: continue if the run has a last checkpoint; true: insist on one; false: refuse to overwrite one."""
-    last = run_dir / "checkpoints" / "last.ckpt"
-    for stale in remove_partial_writes(last.parent):
-        log.warning("removed %s, left half-written by a killed save", stale)
-    if resume is True and not last.is_file():
-        raise ConfigError(f"resume=true but there is no checkpoint at {last}")
-    if resume is False and last.is_file():
-        raise ConfigError(f"run_dir={run_dir} already holds {last}: pass resume=auto to continue or a new run_name")
-    return last if last.is_file() else None
-
-
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], loggers: list) -> L.Trainer:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs["precision"] = resolve_precision(cfg.trainer)
@@ -76,28 +64,33 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], l
 def prepare(cfg: DictConfig) -> type[TrainingMethod]:
     """Everything checked before any work: shared keys, then the method's own; the method may settle the config."""
     validate(cfg)
+    check_logger(cfg)
     method = method_class(cfg.method)
     method.resolve_config(cfg)
     method.check_config(cfg)
     return method
 
 
-@rank_zero_only
-def write_run_files(run_dir: Path, cfg: DictConfig, metrics: dict[str, float] | None = None) -> None:
-    """The resolved config (what ``python -m src.export`` rebuilds from) and, at the end, the final metrics."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if metrics is not None:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-
-
 def run(cfg: DictConfig) -> RunResult:
-    """Fit (or, for an evaluation, validate) the method ``cfg.method`` names, then export and summarise."""
+    """Fit (or, for an evaluation, validate) the method ``cfg.method`` names, then export and summarise.
+
+    Rank zero holds the run folder's lock throughout; other ranks (DDP children, torchrun) join its run.
+    """
     method = prepare(cfg)
-    L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.run_dir).resolve()
+    if rank_zero_only.rank != 0:
+        return fit(cfg, method, run_dir)
+    with run_lock(run_dir, takeover=bool(cfg.get("takeover", False))):
+        check_same_run(run_dir, cfg)
+        return fit(cfg, method, run_dir)
+
+
+def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResult:
+    """The pipeline itself, once the config and the run folder are settled."""
+    L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resume_checkpoint(run_dir, cfg.resume) if method.fits else None
-    write_run_files(run_dir, cfg)
+    if rank_zero_only.rank == 0:
+        record_run(run_dir, cfg)
 
     datamodule = build_datamodule(  # data first: a wrong path fails before any model is built
         cfg.dataset,
@@ -118,7 +111,7 @@ def run(cfg: DictConfig) -> RunResult:
     if method.fits:
         callbacks.append(
             ModelCheckpoint(
-                dirpath=run_dir / "checkpoints",
+                dirpath=run_dir / "checkpoints",  # last.ckpt; AtomicCheckpointIO keeps the one before too
                 save_last=True,
                 save_top_k=0,
                 every_n_train_steps=cfg.checkpoint_every_n_steps,
@@ -163,7 +156,8 @@ def run(cfg: DictConfig) -> RunResult:
             result.metrics |= extra
         if cfg.get("export", True):
             result.exports = module.export(run_dir / "export")
-    write_run_files(run_dir, cfg, result.metrics)
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
     return result
 
 
@@ -176,9 +170,18 @@ def summary(result: RunResult) -> str:
         lines.append(f"  export     : {name} -> {path}")
     if result.pictures:
         lines.append(f"  pictures   : {result.pictures}")
+    lines.append(
+        f"  metrics    : {result.run_dir / 'metrics.json'}, history in {result.run_dir / 'csv' / 'metrics.csv'}"
+    )
     if result.wandb_dir:
         lines.append(f"  W&B run    : {result.wandb_dir}  (offline runs upload with `wandb sync {result.wandb_dir}`)")
+    else:
+        lines.append("  W&B run    : off (logger=csv or logger.wandb.enabled=false)")
+    if "data/skipped" in result.metrics:
+        lines.append(
+            f"  data       : {result.metrics['data/skipped']:.0f} corrupt samples skipped (named in the warnings)"
+        )
     shown = {k: v for k, v in result.metrics.items() if k.startswith(("train/loss", "knn/", "val/", "tokenizer/"))}
     if shown:
-        lines.append("  metrics    : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
+        lines.append("  results    : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
     return "\n".join(lines)

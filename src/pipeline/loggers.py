@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import re
@@ -10,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from src.config import ConfigError
 
 WANDB_HOST = "api.wandb.ai"
 
@@ -42,13 +46,46 @@ def resolve_wandb_mode(requested: str) -> str:
     return "offline"
 
 
+def check_logger(cfg: Any) -> None:
+    """Forced-online W&B needs its server: refuse in seconds, before any work, rather than time out later."""
+    wb = cfg.logger.wandb
+    modes = ("auto", "online", "offline", "disabled")
+    if wb.mode not in modes:
+        raise ConfigError(f"logger.wandb.mode={wb.mode!r} is not one of {modes}")
+    if wb.enabled and resolve_wandb_mode(wb.mode) == "online" and not _reachable(WANDB_HOST):
+        raise ConfigError(
+            f"logger.wandb.mode=online but {WANDB_HOST} does not answer within 2 s: use logger.wandb.mode=auto "
+            "(offline when the server is out of reach; `wandb sync` uploads later) or logger=csv"
+        )
+
+
+class AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that a resumed run appends to its history instead of deleting it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """The local CSV log of a run folder: ``csv/metrics.csv``, one history across resumes."""
+
+    @property
+    def experiment(self) -> AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def wandb_run_id(run_name: str) -> str:
     """A deterministic id per run name, so a resumed run continues the same W&B run."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]
 
 
 def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="")]
     wb = cfg.logger.wandb
     if wb.enabled:
         mode = resolve_wandb_mode(wb.mode)

@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from src.config import ConfigError
+from src.encoders.loading import save_weights
 from src.tokenizers.base import VisualTokenizer, codebook_usage
 from src.tokenizers.dalle import DalleEncoder
 from src.tokenizers.vq import VQTokenizer
@@ -43,10 +44,7 @@ def spec_file(weights: Path) -> Path:
 
 def save_tokenizer(tokenizer: VQTokenizer, out_dir: Path) -> dict[str, Path]:
     """Weights as safetensors plus their hyper-parameters as JSON: never a pickled module."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "tokenizer.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in tokenizer.state_dict().items()}
-    save_file(state, str(weights), metadata={"format": "pt"})
+    weights = save_weights(tokenizer.state_dict(), out_dir / "tokenizer.safetensors")
     spec_file(weights).write_text(json.dumps({"kind": "vq", **tokenizer.spec()}, indent=2) + "\n")
     return {"tokenizer": weights, "tokenizer_spec": spec_file(weights)}
 

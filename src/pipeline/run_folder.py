@@ -1,0 +1,222 @@
+"""A run folder belongs to one run and one process: its identity, its lock, and which checkpoint resumes it.
+
+- Identity: the folder records the resolved config it was started with (``config.yaml``) and the identity
+  of its init checkpoint (``run_identity.json``: path, size, sha256). A later command in the same folder
+  continues only the same run; any other difference stops before work and names the keys.
+- Lock: one process per folder (``.lock`` names host, pid and start time). A lock whose pid is dead on this
+  host is stale and taken over; ``takeover=true`` (or a SLURM requeue) takes over a lock from another host.
+- Checkpoints: the last two are kept (``last.ckpt``, ``last-previous.ckpt``); when the newest cannot be read
+  the older one resumes, with a warning. Temporary files of a killed save are removed only when their
+  writer is dead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import socket
+import time
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"  # the run's resolved config, as the method settled it (export rebuilds from it)
+IDENTITY_FILE = "run_identity.json"
+LOCK_FILE = ".lock"
+LAST, PREVIOUS = "last.ckpt", "last-previous.ckpt"
+PARTIAL_SUFFIX = ".tmp"
+
+# Keys that change no result: they may differ between the commands of one run.
+HARMLESS = ("resume", "takeover", "resume_changes", "num_workers", "checkpoint_every_n_steps", "export", "pictures.")
+HARMLESS += ("logger.", "trainer.log_every_n_steps", "trainer.devices", "trainer.num_nodes", "knn.every_n_epochs")
+# Keys that may change on resume when the command says so (resume_changes=[...]): how long the run goes on.
+RESUMABLE = ("epochs", "trainer.max_epochs", "trainer.max_steps")
+READ_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, ValueError)
+
+
+# ---- identity ----------------------------------------------------------------------------------------------
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """Path, size and sha256 of a file: a replaced file under the same name is another file."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path.resolve()), "size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What defines a run besides its config: the content of the checkpoint it starts from."""
+    init = cfg.get("init")
+    checkpoint = init.get("checkpoint") if init is not None else None
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return {"init": None}
+    return {"init": file_identity(checkpoint)}
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def config_changes(before: DictConfig, after: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """Every key whose resolved value differs: {key: (before, after)}."""
+    old = _flat(OmegaConf.to_container(before, resolve=True))
+    new = _flat(OmegaConf.to_container(after, resolve=True))
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
+    """Refuse, before any work, a command that would continue this folder as another run."""
+    config_file = run_dir / CONFIG_FILE
+    if not config_file.is_file():
+        return
+    allowed = tuple(cfg.get("resume_changes") or ())
+    unknown = [k for k in allowed if k not in RESUMABLE]
+    if unknown:
+        raise ConfigError(f"resume_changes={list(allowed)}: only {list(RESUMABLE)} may change on resume")
+    changes = config_changes(OmegaConf.load(config_file), cfg)
+    refused = {k: v for k, v in changes.items() if not k.startswith(HARMLESS) and k not in allowed}
+    identity_file = run_dir / IDENTITY_FILE
+    if identity_file.is_file():
+        before, after = json.loads(identity_file.read_text())["init"], run_identity(cfg)["init"]
+        if before != after:
+            digests = tuple(identity and identity["sha256"][:12] for identity in (before, after))
+            refused["init.checkpoint (file content, sha256)"] = digests
+    if not refused:
+        for key in allowed:
+            if key in changes:
+                log.warning("resume: %s changes from %r to %r (resume_changes)", key, *changes[key])
+        return
+    lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+    resumable = [k for k in refused if k in RESUMABLE]
+    ways = f"pass a new run_name=... to start another run in its own folder (this one is {run_dir})"
+    if resumable and len(resumable) == len(refused):
+        ways = f"resume_changes=[{','.join(resumable)}] to continue this run with them, or {ways}"
+    raise ConfigError(f"{run_dir} holds another run: {lines}. Either {ways}")
+
+
+def record_run(run_dir: Path, cfg: DictConfig) -> None:
+    """Write what defines the run into its folder (rank zero only)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / IDENTITY_FILE).write_text(json.dumps(run_identity(cfg), indent=2) + "\n")
+
+
+# ---- lock ----------------------------------------------------------------------------------------------------
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _requeued() -> bool:
+    """A SLURM requeue restarts the same job: its old process is gone, wherever it ran."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+
+
+@contextmanager
+def run_lock(run_dir: Path, takeover: bool = False) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` for the duration; a live holder elsewhere refuses this process, naming itself."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            stale = holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))
+            if not (stale or takeover or _requeued()):
+                raise ConfigError(
+                    f"{run_dir} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
+                    f"{holder.get('started')}: wait for it to end, use another run_name, or pass takeover=true if "
+                    "that process is gone (a SLURM requeue takes over by itself)"
+                ) from None
+            log.warning("taking over %s from pid %s on %s", lock, holder.get("pid"), holder.get("host"))
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+def partial_name(path: Path) -> str:
+    """Prefix of a temporary file while ``path`` is being written: names its writer (host, pid)."""
+    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def remove_dead_partial_writes(folder: Path) -> list[Path]:
+    """Delete temporary files whose writer is dead on this host; a live writer's file is left alone."""
+    host = socket.gethostname()
+    removed = []
+    for path in sorted(folder.glob(f".*{PARTIAL_SUFFIX}")) if folder.is_dir() else []:
+        parts = path.name.removesuffix(PARTIAL_SUFFIX).rsplit(".", 3)  # [.name, host, pid, random]
+        if len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not _alive(int(parts[2])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def readable(path: Path) -> str | None:
+    """None if ``path`` loads weights-only; else why not."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except READ_ERRORS as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"{type(e).__name__}: {reason[:300]}"
+    return None
+
+
+def resume_checkpoint(run_dir: Path, resume: str | bool) -> Path | None:
+    """auto: continue from the newest readable checkpoint; true: insist on one; false: refuse to reuse the folder."""
+    folder = run_dir / "checkpoints"
+    for stale in remove_dead_partial_writes(folder):
+        log.warning("removed %s, left half-written by a killed save", stale)
+    candidates = [folder / LAST, folder / PREVIOUS]
+    present = [p for p in candidates if p.is_file()]
+    if resume is False and present:
+        raise ConfigError(
+            f"run_dir={run_dir} already holds {present[0]}: pass resume=auto to continue or a new run_name"
+        )
+    if resume is True and not present:
+        raise ConfigError(f"resume=true but there is no checkpoint at {candidates[0]}")
+    problems = []
+    for path in present:
+        problem = readable(path)
+        if problem is None:
+            if problems:
+                log.warning("%s; resuming from the older %s", "; ".join(problems), path)
+            return path
+        problems.append(f"{path} cannot be read ({problem})")
+    if problems:
+        raise ConfigError(
+            "; ".join(problems) + f". No readable checkpoint is left: start again with resume=false in a new "
+            f"run_name, or delete {folder} to restart this run from scratch"
+        )
+    return None
