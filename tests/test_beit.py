@@ -332,7 +332,7 @@ def test_beit_training_runs(tmp_path: Path, tokenizer_file: Path, encoder: list[
         per_layer = load_file(str(result.exports["encoder_per_layer"]))
         assert "blocks.1.attn.relative_position_bias_table" in per_layer and SHARED_TABLE not in per_layer
     if encoder is VIT:  # resume continues (the tokenizer is restored from its own file)
-        resumed = run(compose_config([*overrides, "dataset.train_limit=32", "epochs=2"]))
+        resumed = run(compose_config([*overrides, "dataset.train_limit=32", "epochs=2", "resume_changes=[epochs]"]))
         assert resumed.global_step == 4
 
 

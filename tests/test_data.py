@@ -205,6 +205,9 @@ def test_missing_paths_name_the_config_key(tmp_path):
     with pytest.raises(ConfigError, match=rf"dataset.root: {re.escape(str(tmp_path / 'flat'))} has no class"):
         make_dm(dataset_cfg("image_folder", root=str(tmp_path / "flat")), 8, 0)
     (tmp_path / "flat" / "cls").mkdir()
+    with pytest.raises(ConfigError, match=r"dataset.root: no image files .* under .*flat/<class>/"):
+        make_dm(dataset_cfg("image_folder", root=str(tmp_path / "flat")), 8, 0)
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "cls" / "a.png")
     with pytest.raises(ConfigError, match=rf"dataset.val_root: .*{re.escape(str(missing))}"):
         make_dm(dataset_cfg("image_folder", root=str(tmp_path / "flat"), val_root=str(missing)), 8, 0)
     urls, first = str(tmp_path / "train-{000000..000001}.tar"), re.escape(str(tmp_path / "train-000000.tar"))

@@ -138,7 +138,7 @@ def test_killed_run_resumes_at_the_same_step(tmp_path):
     killed_at = last_step(ckpt)  # loads completely: a kill mid-save can only leave a temporary file
     assert killed_at >= 6 and killed_at % 2 == 0
 
-    result = run_cli([*args, "resume=true", f"trainer.max_steps={killed_at + 3}"])
+    result = run_cli([*args, "resume=true", f"trainer.max_steps={killed_at + 3}", "resume_changes=[trainer.max_steps]"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Restored all states from the checkpoint" in result.stdout + result.stderr
     state = torch.load(ckpt, map_location="cpu", weights_only=True)

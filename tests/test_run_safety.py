@@ -69,6 +69,11 @@ def test_changed_hyper_parameters_stop_unless_they_may_change_on_resume(tmp_path
         run(mae(tmp_path, "trainer.max_steps=3"))
     resumed = run(mae(tmp_path, "trainer.max_steps=3", "resume_changes=[trainer.max_steps]", "num_workers=0"))
     assert resumed.global_step == 3  # continued from step 1; a harmless key (num_workers) may differ freely
+    with pytest.raises(
+        ConfigError, match=r"epochs: 50 -> 60; trainer\.max_epochs: 50 -> 60.*resume_changes=\[epochs\] "
+    ):
+        run(mae(tmp_path, "trainer.max_steps=3", "epochs=60"))
+    assert run(mae(tmp_path, "trainer.max_steps=3", "epochs=60", "resume_changes=[epochs]")).global_step == 3
     with pytest.raises(ConfigError, match=r"resume_changes=\['seed'\]: only"):
         run(mae(tmp_path, "resume_changes=[seed]"))
 

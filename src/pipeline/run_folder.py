@@ -43,6 +43,7 @@ HARMLESS = ("resume", "takeover", "resume_changes", "num_workers", "checkpoint_e
 HARMLESS += ("logger.", "trainer.log_every_n_steps", "trainer.devices", "trainer.num_nodes", "knn.every_n_epochs")
 # Keys that may change on resume when the command says so (resume_changes=[...]): how long the run goes on.
 RESUMABLE = ("epochs", "trainer.max_epochs", "trainer.max_steps")
+IMPLIED = {"epochs": ("trainer.max_epochs",)}  # trainer.max_epochs follows epochs in every config
 READ_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, ValueError)
 
 
@@ -84,10 +85,11 @@ def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
     config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
         return
-    allowed = tuple(cfg.get("resume_changes") or ())
-    unknown = [k for k in allowed if k not in RESUMABLE]
+    asked = tuple(cfg.get("resume_changes") or ())
+    unknown = [k for k in asked if k not in RESUMABLE]
     if unknown:
-        raise ConfigError(f"resume_changes={list(allowed)}: only {list(RESUMABLE)} may change on resume")
+        raise ConfigError(f"resume_changes={list(asked)}: only {list(RESUMABLE)} may change on resume")
+    allowed = asked + tuple(implied for key in asked for implied in IMPLIED.get(key, ()))
     changes = config_changes(OmegaConf.load(config_file), cfg)
     refused = {k: v for k, v in changes.items() if not k.startswith(HARMLESS) and k not in allowed}
     identity_file = run_dir / IDENTITY_FILE
@@ -102,9 +104,10 @@ def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
                 log.warning("resume: %s changes from %r to %r (resume_changes)", key, *changes[key])
         return
     lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
-    resumable = [k for k in refused if k in RESUMABLE]
+    implied = {k for key in refused for k in IMPLIED.get(key, ())}
+    resumable = [k for k in refused if k in RESUMABLE and k not in implied]
     ways = f"pass a new run_name=... to start another run in its own folder (this one is {run_dir})"
-    if resumable and len(resumable) == len(refused):
+    if resumable and all(k in RESUMABLE for k in refused):
         ways = f"resume_changes=[{','.join(resumable)}] to continue this run with them, or {ways}"
     raise ConfigError(f"{run_dir} holds another run: {lines}. Either {ways}")
 
