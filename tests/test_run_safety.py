@@ -40,11 +40,13 @@ def encoder_file(path: Path, seed: int) -> Path:
 
 
 def linear(tmp_path: Path, checkpoint: Path, *extra: str):
-    overrides = [*TINY, *FAST, "task=linear", "task.pool=avg", f"init.checkpoint={checkpoint}", f"runs_dir={tmp_path}"]
+    overrides = [*TINY, *FAST, "epochs=1", "task=linear", "task.pool=avg", f"init.checkpoint={checkpoint}"]
+    overrides.append(f"runs_dir={tmp_path}")
     return compose_config([*overrides, *extra], config_name="finetune")
 
 
 # ---- run identity ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_checkpoint_in_the_same_folder_is_refused_not_silently_resumed(tmp_path: Path) -> None:
     a, b = encoder_file(tmp_path / "a.safetensors", 0), encoder_file(tmp_path / "b.safetensors", 1)
     first = run(linear(tmp_path, a))
@@ -60,6 +62,7 @@ def test_a_second_checkpoint_in_the_same_folder_is_refused_not_silently_resumed(
     assert run(linear(tmp_path, b, "run_name=with_b")).run_dir.name == "with_b"  # the way out it names
 
 
+@pytest.mark.slow
 def test_changed_hyper_parameters_stop_unless_they_may_change_on_resume(tmp_path: Path) -> None:
     run(mae(tmp_path, "trainer.max_steps=1"))
     with pytest.raises(ConfigError, match=r"objective\.optim\.base_lr: 0\.00015 -> 0\.001.*new run_name") as refused:
@@ -78,6 +81,7 @@ def test_changed_hyper_parameters_stop_unless_they_may_change_on_resume(tmp_path
         run(mae(tmp_path, "resume_changes=[seed]"))
 
 
+@pytest.mark.slow
 def test_resume_appends_to_the_csv_history(tmp_path: Path) -> None:
     run(mae(tmp_path, "trainer.max_steps=2", "trainer.log_every_n_steps=1"))
     run(mae(tmp_path, "trainer.max_steps=4", "trainer.log_every_n_steps=1", "resume_changes=[trainer.max_steps]"))
@@ -87,6 +91,7 @@ def test_resume_appends_to_the_csv_history(tmp_path: Path) -> None:
 
 
 # ---- checkpoints -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_the_previous_checkpoint_resumes_when_the_newest_cannot_be_read(tmp_path: Path, caplog) -> None:
     run(mae(tmp_path, "trainer.max_steps=2", "checkpoint_every_n_steps=1"))
     folder = tmp_path / "mae" / "checkpoints"
@@ -104,6 +109,7 @@ def test_the_previous_checkpoint_resumes_when_the_newest_cannot_be_read(tmp_path
         run(mae(tmp_path, "trainer.max_steps=4", "resume_changes=[trainer.max_steps]"))
 
 
+@pytest.mark.slow
 def test_checkpoints_and_exports_follow_the_umask(tmp_path: Path) -> None:
     result = run(mae(tmp_path, "trainer.max_steps=1"))
     mask = os.umask(0)
@@ -113,6 +119,7 @@ def test_checkpoints_and_exports_follow_the_umask(tmp_path: Path) -> None:
 
 
 # ---- one process per folder -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_live_holder_refuses_a_second_process_and_a_dead_one_is_taken_over(tmp_path: Path) -> None:
     lock = tmp_path / "mae" / LOCK_FILE
     lock.parent.mkdir(parents=True)
