@@ -39,10 +39,15 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str,
     """Tensors as safetensors, readable as the user's umask allows (the library itself writes 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata or {"format": "pt"})
+    follow_umask(path)
+    return path
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give a file the mode the user's umask allows (writers such as mkstemp and safetensors use 0600)."""
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
-    return path
 
 
 def load_state_dict_file(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:

@@ -10,13 +10,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from src.encoders.loading import follow_umask
 from src.pipeline.run_folder import LAST, PARTIAL_SUFFIX, PREVIOUS, partial_name
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -35,7 +30,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600, which hides checkpoints in shared folders
+            follow_umask(tmp)  # mkstemp makes 0600, which hides checkpoints in shared folders
             if path.name == LAST and path.is_file():
                 os.replace(path, path.with_name(PREVIOUS))
             os.replace(tmp, path)
