@@ -16,17 +16,27 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Ends a run with its message, not a traceback: the message says what happened and what to do."""
+
+
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the key and says what would."""
 
 
+class RunStopped(UserError, RuntimeError):
+    """A run that could not go on (it kept diverging); the message says what is left and what to change."""
+
+
 @contextmanager
-def exit_on_config_error() -> Iterator[None]:
-    """Entry points: a ConfigError ends the process with its message and a non-zero status, not a traceback."""
+def exit_on_user_error() -> Iterator[None]:
+    """Entry points: a UserError ends the process with its message and a non-zero status."""
     try:
         yield
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except RunStopped as e:
+        sys.exit(f"run stopped: {e}")
 
 
 _ABSENT = object()
@@ -46,6 +56,7 @@ SHARED_RULES: list[Rule] = [
     ("trainer.max_epochs", lambda v: v is None or v == -1 or v >= 1, "must be -1 (no limit) or at least 1"),
     ("trainer.max_steps", lambda v: v is None or v == -1 or v >= 1, "must be -1 (no limit) or at least 1"),
     ("trainer.precision", lambda v: str(v) in PRECISIONS, f"must be one of {PRECISIONS}"),
+    ("max_nonfinite_steps", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
     ("trainer.accumulate_grad_batches", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
 ]
 

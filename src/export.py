@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from src.config import ConfigError, exit_on_config_error
+from src.config import ConfigError, exit_on_user_error
 from src.methods import method_class
 from src.pipeline.run_folder import CONFIG_FILE
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="default: RUN_DIR/checkpoints/last.ckpt")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/export")
     args = parser.parse_args(argv)
-    with exit_on_config_error():
+    with exit_on_user_error():
         for name, path in export_run(args.run_dir, args.checkpoint, args.out).items():
             print(f"{name}: {path}")
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from src.config import exit_on_config_error
+from src.config import exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="../conf/tokenizer", config_name="tokenizer")
 def main(cfg: DictConfig) -> None:
     from src.pipeline.fit import run, summary  # heavy imports after Hydra has parsed the command line
 
-    with exit_on_config_error():
+    with exit_on_user_error():
         print(summary(run(cfg)))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
+import json
 import logging
 import pickle
 import re
@@ -272,10 +273,36 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_counted_and_named(tmp_pa
         logging.getLogger("src.data").removeHandler(handler)
         handler.close()
     assert sum(len(b["label"]) for b in batches) == 50 + 49 + 20 + 50
-    assert sum(int(b["skipped"]) for b in batches) == 1
+    assert sum(int(b["skipped"]) for b in batches) == 1 + 30  # the corrupt image, and what the cut shard lost
     lines = log_file.read_text().splitlines()
     assert any(str(bad_shard) in line and "train_00000060" in line for line in lines)
-    assert any(str(cut_shard) in line and "truncated" in line and "after 20 samples" in line for line in lines)
+    lost = "after 20 samples (30 samples lost"
+    assert any(str(cut_shard) in line and "truncated" in line and lost in line for line in lines)
+
+
+def test_a_shard_cut_at_a_member_boundary_is_counted_from_its_manifest(tmp_path):
+    pattern = write_shards("fashion_mnist", str(FMNIST_ROOT), "test", tmp_path, maxcount=20, limit=40)
+    assert json.loads((tmp_path / "train-shards.json").read_text()) == {"train-000000.tar": 20, "train-000001.tar": 20}
+    cut = tmp_path / "train-000001.tar"
+    with tarfile.open(cut) as tar:  # what remains is a valid tar of 5 samples: only the manifest knows better
+        boundary = min(m.offset for m in tar.getmembers() if m.name.startswith("train_00000025."))
+    cut.write_bytes(cut.read_bytes()[:boundary] + bytes(1024))
+
+    def one_pass() -> list:
+        return list(ShardDataset(pattern, lambda img: {"image": torch.zeros(1)}))
+
+    samples = one_pass()
+    assert len(samples) == 40 and sum(s is None for s in samples) == 15
+    (tmp_path / "train-shards.json").unlink()  # a shard set from elsewhere: nothing to compare with
+    assert len(one_pass()) == 25
+
+
+def test_a_failed_shard_write_leaves_no_shard_behind(tmp_path):
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    (tmp_path / "photos" / "cats" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="no readable images"):
+        write_shards("folder", str(tmp_path / "photos"), "train", tmp_path / "shards")
+    assert not list((tmp_path / "shards").iterdir())  # no empty tar, no manifest, no staging folder
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def test_run_writes_checkpoint_exports_pictures_and_offline_wandb(tmp_path):
     assert list((run / "pictures").glob("step*.png"))
     offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert offline and offline[0].stat().st_size > 0
-    assert "knn/top1" in result.stdout
+    assert "kNN top-1  :" in result.stdout
     output = result.stdout + result.stderr
     assert "kNN at step 0:" in output and "kNN at step 4:" in output  # before training and after it
     # the exported encoder loads strictly into timm's own ViT (same sizes as the run)

@@ -3,26 +3,36 @@ and values that cannot work refused before any model is built."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from conftest import TINY, compose_config
+from conftest import REPO, TINY, compose_config
 from PIL import Image
 from safetensors.torch import save_file
 
 import src.encoders  # noqa: F401  (registers the encoder families)
-from src.config import ConfigError
+from src.config import ConfigError, RunStopped, exit_on_user_error
 from src.methods.base import encoder_export_state
-from src.pipeline.fit import prepare, run
+from src.methods.mae import MAE
+from src.methods.optim import create_optimizer
+from src.pipeline.callbacks import NonFiniteGuard
+from src.pipeline.fit import RunResult, prepare, run, summary
+from src.pipeline.output import HARMLESS_LOG_LINES, HARMLESS_WARNINGS
 from src.pipeline.run_folder import LOCK_FILE, PREVIOUS
 
+MAE_COMPUTE_LOSS = MAE.compute_loss
 MAE_LIGHT = ["objective.decoder_dim=32", "objective.decoder_depth=1", "objective.decoder_heads=2", "knn=null"]
 FAST = ["dataset.train_limit=32", "warmup_epochs=0", "pictures.every_n_steps=1000", "epochs=50"]
 
@@ -170,3 +180,140 @@ def test_an_empty_class_folder_fails_before_the_model_is_built(tmp_path: Path) -
     with pytest.raises(ConfigError, match=r"dataset\.root: class folders \['dogs'\] .* hold no image files"):
         run(cfg)
     assert not (tmp_path / "runs" / "mae-vit_t-image_folder" / "checkpoints").exists()
+
+
+# ---- non-finite steps -------------------------------------------------------------------------------------
+def optimizer_for(which: str, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    groups = [{"params": params, "weight_decay": 0.05}]
+    if which == "fused adamw":  # what create_optimizer builds on a GPU
+        return torch.optim.AdamW(groups, lr=1e-2, fused=True)
+    return create_optimizer(groups, 1e-2, {"name": which, "betas": (0.9, 0.95)})  # adamw: torch's default (CPU)
+
+
+@pytest.mark.parametrize("which", ["adamw", "fused adamw", "lars"])
+def test_a_non_finite_step_leaves_weights_and_optimizer_state_as_they_were(which: str) -> None:
+    params = [torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8))]
+    optimizer = optimizer_for(which, params)
+    guard = NonFiniteGuard(max_in_a_row=3)
+
+    def step(poison: bool) -> None:
+        for p in params:
+            p.grad = torch.full_like(p, float("nan")) if poison and p.ndim == 1 else torch.ones_like(p)
+        guard.on_before_optimizer_step(None, None, optimizer)
+        optimizer.step()
+
+    step(poison=False)
+    weights, state = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict()["state"])
+    step(poison=True)  # one NaN tensor: the whole step is skipped
+    assert all(torch.equal(a, b) for a, b in zip(weights, params, strict=True))
+    assert str(optimizer.state_dict()["state"]) == str(state)
+    assert (int(guard.total), int(guard.in_a_row)) == (1, 1)
+    step(poison=False)
+    assert not torch.equal(weights[0], params[0]) and (int(guard.total), int(guard.in_a_row)) == (1, 0)
+
+
+def test_the_fused_skip_never_reads_a_tensor_on_the_host(monkeypatch) -> None:
+    params = [torch.nn.Parameter(torch.randn(8, 8))]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)  # what a GPU run steps with
+    guard = NonFiniteGuard(max_in_a_row=3)
+    params[0].grad = torch.full_like(params[0], float("inf"))
+
+    def host_read(*args):
+        raise AssertionError("a tensor was read on the host: on a GPU, a device sync every step")
+
+    for name in ("__bool__", "item", "__int__", "__float__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    guard.on_before_optimizer_step(None, None, optimizer)
+    optimizer.step()
+    monkeypatch.undo()
+    assert int(guard.total) == 1 and torch.isfinite(params[0]).all()
+
+
+@pytest.mark.slow
+def test_a_run_that_keeps_diverging_stops_and_keeps_its_last_good_weights(tmp_path: Path, monkeypatch) -> None:
+    nan_from_step = 2
+
+    def diverging(self, batch):
+        loss, extras = MAE_COMPUTE_LOSS(self, batch)
+        return (loss * float("nan") if self.global_step >= nan_from_step else loss), extras
+
+    monkeypatch.setattr(MAE, "compute_loss", diverging)
+    cfg = mae(tmp_path, "trainer.max_steps=8", "checkpoint_every_n_steps=1", "max_nonfinite_steps=3")
+    with pytest.raises(RunStopped, match=r"NaN or inf in the last 3 steps in a row \(step 5; 3 skipped in all\)"):
+        run(cfg)
+    folder = tmp_path / "mae" / "checkpoints"
+    good, later = (torch.load(folder / name, weights_only=True) for name in (PREVIOUS, "last.ckpt"))
+    assert (good["global_step"], later["global_step"]) == (3, 4)  # step 4 was a skipped one
+    assert all(torch.equal(good["state_dict"][k], v) for k, v in later["state_dict"].items() if "total" not in k)
+    assert all(torch.isfinite(v).all() for v in later["state_dict"].values() if v.is_floating_point())
+    with pytest.raises(SystemExit, match="run stopped: the gradients were NaN"), exit_on_user_error():
+        run(cfg)  # the front door, resuming: still diverging, one line instead of a traceback
+
+
+# ---- what a run prints ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_run_prints_each_line_once_and_no_known_harmless_warning(tmp_path: Path) -> None:
+    overrides = [*TINY, *MAE_LIGHT, *FAST, "trainer.max_steps=2", f"runs_dir={tmp_path}", "run_name=out"]
+    overrides += ["logger=wandb", "logger.wandb.mode=offline"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    done = subprocess.run(
+        [sys.executable, "-m", "src.pretrain", *overrides], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = (done.stdout + done.stderr).replace("\r", "\n")
+    progress_bar = re.compile(r"it/s[\],]")
+    lines = [line for line in printed.splitlines() if line.strip("-| ") and not progress_bar.search(line)]
+    assert not [line for line, n in Counter(lines).items() if n > 1], printed
+    for message in (*HARMLESS_WARNINGS, *HARMLESS_LOG_LINES, "anonymous setting has no effect"):
+        assert not re.search(message, printed), message
+    assert "skipped    : 0 corrupt samples (named in the warnings), 0 steps with NaN/inf gradients" in done.stdout
+    assert re.search(r"W&B run    : .*offline-run-.*wandb sync", done.stdout)
+    run_log = (tmp_path / "out" / "pretrain.log").read_text()  # Lightning's lines reach the run's own log
+    assert "GPU available" in run_log and "lr " in run_log
+
+
+def test_the_summary_says_when_wandb_was_off(tmp_path: Path) -> None:
+    text = summary(RunResult(run_dir=tmp_path, checkpoint=None, metrics={"data/skipped": 3.0}))
+    assert "W&B run    : off" in text and "wandb" not in text.replace("logger.wandb.enabled", "")
+    assert "skipped    : 3 corrupt samples" in text
+
+
+# ---- a run that shows its work -----------------------------------------------------------------------------
+def test_the_demo_is_vit_b_sized_for_a_few_cpu_minutes() -> None:
+    cfg = compose_config(["objective=mae", "encoder=vit_b"])  # what `make demo` runs
+    assert cfg.encoder.arch == "mim_vit_base_patch16" and "depth" not in cfg.encoder.kwargs  # ViT-B itself
+    grid = cfg.dataset.img_size // cfg.encoder.kwargs.patch_size
+    visible = round(grid * grid * (1 - cfg.objective.mask_ratio))
+    steps = cfg.dataset.train_limit // cfg.batch_size * cfg.epochs
+    assert (grid, visible, steps) == (4, 4, 80) and cfg.knn is not None
+    assert compose_config(["objective=mae", "encoder=vit_b", "dataset=image_folder"]).encoder.kwargs.patch_size == 16
+
+
+@pytest.mark.slow
+def test_a_run_ends_with_its_loss_curve_first_and_last_pictures_and_knn_baselines(tmp_path: Path) -> None:
+    light = [o for o in MAE_LIGHT if o != "knn=null"]  # with the kNN monitor this time
+    overrides = [*TINY, *light, *FAST, "trainer.max_steps=3", "pictures.every_n_steps=2", "trainer.log_every_n_steps=1"]
+    result = run(compose_config([*overrides, f"runs_dir={tmp_path}", "run_name=shows"]))
+    assert result.loss_curve.is_file() and result.first_and_last.is_file()
+    steps = sorted(p.name for p in result.pictures.glob("step*.png"))
+    assert steps[0] == "step0000000.png" and steps[-1] == "step0000003.png"  # before any update, and the last
+    first, last = (Image.open(result.pictures / name) for name in (steps[0], steps[-1]))
+    assert Image.open(result.first_and_last).width == first.width + last.width + 16
+    assert {"knn/top1", "knn/start_top1", "knn/pixels_top1"} <= set(result.metrics)
+    assert 0.5 < result.metrics["knn/pixels_top1"] <= 1.0  # raw Fashion-MNIST pixels: far above chance
+    assert "kNN top-1  :" in summary(result) and "on the raw pixels" in summary(result)
+
+
+@pytest.mark.parametrize(
+    ("now", "verdict"),
+    [
+        (0.66, "the encoder learned: 4.0 points above its untrained self; raw pixels are still ahead"),
+        (0.60, "no gain over the untrained encoder yet (-2.0 points)"),
+        (0.80, "the encoder learned: 18.0 points above its untrained self"),
+    ],
+)
+def test_the_summary_says_what_the_knn_numbers_mean(tmp_path: Path, now: float, verdict: str) -> None:
+    metrics = {"knn/top1": now, "knn/start_top1": 0.62, "knn/pixels_top1": 0.77}
+    text = summary(RunResult(run_dir=tmp_path, checkpoint=None, metrics=metrics, global_step=160))
+    assert f"kNN top-1  : {100 * now:.1f} at step 160; 62.0 at step 0 (the untrained encoder); 77.0 on the raw" in text
+    assert verdict in text and (("still ahead" in text) == (now < 0.77))

@@ -4,8 +4,10 @@ Failure policy, so one bad file never ends a long run:
 - an undecodable or image-less sample becomes None (dropped and counted by ``collate_skipping``),
   with a warning naming the shard and key;
 - a truncated or corrupt tar ends that shard with a warning naming it (and how many samples it gave);
-  reading goes on with the next shard. A tar cut exactly at a member boundary is indistinguishable
-  from a shorter valid tar and reads without a warning.
+  reading goes on with the next shard. Where the shard's manifest (``<prefix>-shards.json``, written
+  by ``src.data.write_shards``) gives its sample count, each lost sample becomes a None too, so the
+  loss is counted; a cut that the manifest reveals is found even at a member boundary, where the tar
+  alone looks like a shorter valid one.
 
 An IterableDataset has no natural epoch when shards are cycled, so with ``repeat=True`` each epoch is
 ``num_samples`` over all ranks, split between DataLoader workers in whole batches; ``len()`` then
@@ -15,10 +17,12 @@ matches the batches Lightning sees.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -47,6 +51,23 @@ def expand_shards(urls: str | Sequence[str], key: str) -> list[str]:
         if not is_remote and not Path(shard).is_file():
             raise FileNotFoundError(f"{key}: shard {shard} does not exist (from {urls!r})")
     return shards
+
+
+MANIFEST_SUFFIX = "-shards.json"  # <prefix>-shards.json: {shard file name: number of samples}
+
+
+def manifest_counts(shards: Sequence[str]) -> dict[str, int]:
+    """Samples per local shard, from the manifests in the shards' folders (shards without one are absent)."""
+    counts: dict[str, int] = {}
+    for folder in {Path(shard).parent for shard in shards if "://" not in shard and not shard.startswith("pipe:")}:
+        for manifest in folder.glob(f"*{MANIFEST_SUFFIX}"):
+            try:
+                listed = json.loads(manifest.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                log.warning("ignoring unreadable shard manifest %s: %s", manifest, exc)
+                continue
+            counts |= {str(folder / name): int(n) for name, n in listed.items()}
+    return {shard: counts[shard] for shard in shards if shard in counts}
 
 
 def worker_quota(total: int, batch_size: int, num_workers: int, worker: int) -> int:
@@ -83,6 +104,7 @@ class ShardDataset(IterableDataset):
         if repeat and num_samples is None:
             raise ValueError("repeat=True needs num_samples (dataset.samples_per_epoch) to end an epoch")
         self.shards = expand_shards(urls, key)
+        self.expected = manifest_counts(self.shards)
         self.transform = transform
         self.num_samples = num_samples
         self.repeat = repeat
@@ -135,7 +157,7 @@ class ShardDataset(IterableDataset):
         stages.append(wds.split_by_worker)
         if self.shuffle_buffer > 0:
             stages.append(wds.shuffle(len(self.shards), initial=len(self.shards), seed=seed))
-        stages.append(_read_shards)
+        stages.append(partial(read_shards, expected=self.expected))
         if self.shuffle_buffer > 0:
             stages.append(wds.shuffle(self.shuffle_buffer, seed=seed + 1))
         stages.append(self._decode_samples)
@@ -143,7 +165,7 @@ class ShardDataset(IterableDataset):
 
     def _decode_samples(self, samples: Iterator[dict]) -> Iterator[dict[str, torch.Tensor] | None]:
         for sample in samples:
-            yield self._decode(sample)
+            yield None if sample is None else self._decode(sample)  # None: lost in a truncated shard
 
     def _decode(self, sample: dict) -> dict[str, torch.Tensor] | None:
         where = f"shard {sample['__url__']} key {sample['__key__']}"
@@ -160,10 +182,13 @@ class ShardDataset(IterableDataset):
         return None if img is None else labelled_sample(self.transform, img, label)
 
 
-def _read_shards(shards: Iterator[dict]) -> Iterator[dict]:
-    """webdataset's tar reader, one shard at a time, so a broken shard ends only itself."""
+def read_shards(shards: Iterator[dict], expected: dict[str, int]) -> Iterator[dict | None]:
+    """webdataset's tar reader, one shard at a time, so a broken shard ends only itself.
+
+    A shard that gives fewer samples than ``expected`` lists yields one None per lost sample.
+    """
     for shard in shards:
-        url, count = shard["url"], 0
+        url, count, problem = shard["url"], 0, None
         try:
             for sample in wds.tarfile_samples([{"url": url}]):
                 yield sample
@@ -171,10 +196,12 @@ def _read_shards(shards: Iterator[dict]) -> Iterator[dict]:
         except SHARD_ERRORS as exc:
             # webdataset appends " @ <file object>" to the message; the shard is named below anyway
             reason = str(exc.args[0]).split(" @ <")[0] if exc.args else ""
-            log.warning(
-                "shard %s is truncated or corrupt (%s: %s) after %d samples; continuing with the next shard",
-                url,
-                type(exc).__name__,
-                reason,
-                count,
-            )
+            problem = f"is truncated or corrupt ({type(exc).__name__}: {reason})"
+        lost = expected.get(url, count) - count
+        if lost > 0:
+            problem = problem or "ends early"
+        if problem is None:
+            continue
+        counted = f"{lost} samples lost, counted as skipped" if lost > 0 else "samples lost: unknown (no manifest)"
+        log.warning("shard %s %s after %d samples (%s); continuing with the next shard", url, problem, count, counted)
+        yield from [None] * max(lost, 0)

@@ -3,7 +3,9 @@
     python -m src.data.write_shards --source fashion_mnist --root /usr/share/datasets/fashion-mnist \\
         --split train --out data/shards --prefix train --maxcount 10000
 
-Prints the brace pattern to pass as ``dataset.train_urls`` (or ``dataset.val_urls``). Folder images
+Prints the brace pattern to pass as ``dataset.train_urls`` (or ``dataset.val_urls``) and writes
+``<prefix>-shards.json`` (samples per shard), by which the reader counts what a truncated shard lost.
+Shards are written in a hidden staging folder and moved into place only when all succeeded. Folder images
 that are PNG/JPEG are stored as their original bytes (no re-encoding loss); other formats become PNG;
 unreadable files are left out with a warning so the shards hold only decodable samples.
 """
@@ -12,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -21,6 +26,7 @@ from PIL import Image
 
 from src.data.builtin import load_fashion_mnist
 from src.data.folder import DECODE_ERRORS, load_image, scan_image_folder, spread
+from src.data.shards import MANIFEST_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,17 @@ def _folder_samples(root: str, limit: int | None) -> Iterator[tuple[str, bytes, 
         yield (ext, Path(path).read_bytes(), label) if ext else ("png", _png_bytes(img), label)
 
 
+def _write_into(folder: Path, prefix: str, samples: Iterator[tuple[str, bytes, int]], maxcount: int) -> dict[str, int]:
+    """Write the samples as shards in ``folder``; return samples per shard file (the manifest)."""
+    counts: dict[str, int] = {}
+    with wds.ShardWriter(str(folder / f"{prefix}-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
+        for index, (ext, data, label) in enumerate(samples):
+            sink.write({"__key__": f"{prefix}_{index:08d}", ext: data, "cls": label})
+            name = Path(sink.fname).name
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def write_shards(
     source: str,
     root: str,
@@ -74,20 +91,22 @@ def write_shards(
         raise ValueError(f"--source must be fashion_mnist or folder, got {source!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
-        for index, (ext, data, label) in enumerate(samples):
-            sink.write({"__key__": f"{prefix}_{index:08d}", ext: data, "cls": label})
-            count += 1
-        num_shards = sink.shard
-    if count == 0:
-        raise ValueError(f"no readable images from --source {source} --root {root}; nothing written")
-    last = num_shards - 1
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=f".{prefix}-writing-"))  # a failure leaves no shard behind
+    try:
+        counts = _write_into(staging, prefix, samples, maxcount)
+        if not counts:
+            raise ValueError(f"no readable images from --source {source} --root {root}; nothing written")
+        for name in counts:
+            (staging / name).replace(out / name)
+        (out / f"{prefix}{MANIFEST_SUFFIX}").write_text(json.dumps(counts, indent=1))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    count, last = sum(counts.values()), len(counts) - 1
     pattern = str(out / (f"{prefix}-{last:06d}.tar" if last == 0 else f"{prefix}-{{000000..{last:06d}}}.tar"))
     log.info(
         "wrote %d samples to %d shards; train with \"dataset.train_urls='%s'\" dataset.samples_per_epoch=%d",
         count,
-        num_shards,
+        len(counts),
         pattern,
         count,
     )

@@ -55,6 +55,13 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
     return hit.float().mean().item()
 
 
+class RawPixels(nn.Module):
+    """The normalised pixels as features: the baseline an encoder's kNN is read against."""
+
+    def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)
+
+
 def knn_accuracy(
     encoder: nn.Module, loaders: tuple[DataLoader, DataLoader], num_classes: int, k: int, temperature: float, device
 ) -> tuple[float, float]:

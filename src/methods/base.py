@@ -141,9 +141,7 @@ class TrainingMethod(L.LightningModule):
             self.encoder.mask_token.requires_grad_(self.trains_mask_token)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, extras = self.compute_loss(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}")
+        loss, extras = self.compute_loss(batch)  # a non-finite loss is skipped by the pipeline's NonFiniteGuard
         self.skipped_total += batch.get("skipped", torch.zeros((), dtype=torch.long, device=self.device)).sum()
         self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size)
         for key, value in extras.items():

@@ -98,7 +98,8 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and a per-tensor trust ratio (You et al. 2017): MAE's linear-probe optimizer.
 
     Matrices get weight decay and have their update rescaled to ``trust_coefficient * |w| / |update|``;
-    1-D parameters (biases, norms) get neither, as in the MAE code.
+    1-D parameters (biases, norms) get neither, as in the MAE code. Like fused AdamW, it skips its step when
+    ``found_inf`` (a device tensor, set by ``NonFiniteGuard`` or a GradScaler) is non-zero.
     """
 
     def __init__(
@@ -113,6 +114,8 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        skip = None if found_inf is None else found_inf > 0
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -127,8 +130,12 @@ class LARS(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buffer = state["momentum_buffer"]
-                buffer.mul_(group["momentum"]).add_(update)
-                p.add_(buffer, alpha=-group["lr"])
+                if skip is None:
+                    buffer.mul_(group["momentum"]).add_(update)
+                    p.add_(buffer, alpha=-group["lr"])
+                else:  # decided on the device: a skipped step leaves the buffer and the weights as they were
+                    buffer.copy_(torch.where(skip, buffer, buffer * group["momentum"] + update))
+                    p.add_(torch.where(skip, torch.zeros_like(buffer), buffer), alpha=-group["lr"])
         return loss
 
 
@@ -136,10 +143,20 @@ OPTIMIZERS = ("adamw", "lars")
 
 
 def create_optimizer(groups: list[dict], lr: float, optim: dict) -> torch.optim.Optimizer:
-    """``optim["name"]``: adamw (default; ``betas``) or lars (``momentum``). Groups may carry their own lr."""
+    """``optim["name"]``: adamw (default; ``betas``) or lars (``momentum``). Groups may carry their own lr.
+
+    On a GPU AdamW is the fused kernel, which can skip a step on a device-side flag (``found_inf``); on the
+    CPU it is torch's default implementation, whose arithmetic the reference codes share bit for bit.
+    """
     name = optim.get("name", "adamw")
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim["betas"]))
+        on_gpu = any(p.is_cuda for group in groups for p in group["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim["betas"]), fused=on_gpu or None)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=optim.get("momentum", 0.9))
     raise ValueError(f"optim.name={name!r} is not one of {OPTIMIZERS}")
+
+
+def skips_on_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` reads a device-side ``found_inf`` flag and skips itself (no host sync)."""
+    return isinstance(optimizer, LARS) or bool(optimizer.defaults.get("fused"))

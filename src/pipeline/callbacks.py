@@ -1,4 +1,4 @@
-"""Lightning callbacks the pipeline adds to runs: online kNN monitor, method pictures, confusion matrices."""
+"""Lightning callbacks the pipeline adds to runs: non-finite step guard, kNN monitor, pictures, confusion matrices."""
 
 from __future__ import annotations
 
@@ -12,18 +12,78 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from src.config import RunStopped
 from src.evaluation.confusion import confusion_picture
-from src.evaluation.knn import knn_accuracy
+from src.evaluation.knn import RawPixels, knn_accuracy
+from src.methods.optim import skips_on_found_inf
+from src.pipeline.report import side_by_side
+
+
+class NonFiniteGuard(L.Callback):
+    """Skips an optimizer step whose gradients hold a NaN or inf, counts it, and stops a run that keeps diverging.
+
+    The decision stays on the device: fused AdamW and LARS read ``optimizer.found_inf`` inside their step, as
+    under a GradScaler, so no step waits for the host. Gradients are checked after DDP has averaged them, so
+    every rank skips the same steps. The run of skips is read on the host only where that costs nothing:
+    every step on the CPU, at the logging cadence (when Lightning syncs anyway) on an accelerator.
+    """
+
+    def __init__(self, max_in_a_row: int) -> None:
+        self.max_in_a_row = max_in_a_row
+        self.total = torch.zeros((), dtype=torch.long)  # skipped steps in this run, resumes included
+        self.in_a_row = torch.zeros((), dtype=torch.long)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).long()
+        self.total = self.total.to(bad.device) + bad
+        self.in_a_row = (self.in_a_row.to(bad.device) + 1) * bad
+        if skips_on_found_inf(optimizer):
+            optimizer.found_inf = bad.float()
+        elif bad:  # CPU tensors (GPU optimizers are fused): reading the flag costs no device sync
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # a parameter without a gradient is left alone, moments and decay included
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        pl_module.log("train/nonfinite_steps", self.total.float(), batch_size=batch["image"].shape[0])
+        if self.in_a_row.device.type != "cpu" and trainer.global_step % trainer.log_every_n_steps:
+            return
+        if int(self.in_a_row) >= self.max_in_a_row:
+            raise RunStopped(
+                f"the gradients were NaN or inf in the last {int(self.in_a_row)} steps in a row (step "
+                f"{trainer.global_step}; {int(self.total)} skipped in all), so no weights changed since. The "
+                f"last checkpoint in {trainer.default_root_dir}/checkpoints holds the last good weights. Start a "
+                "new run_name with a lower lr, a longer warm-up or trainer.precision=32-true "
+                f"(max_nonfinite_steps={self.max_in_a_row} sets this limit)"
+            )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"total": self.total.cpu(), "in_a_row": self.in_a_row.cpu()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.total, self.in_a_row = state_dict["total"], state_dict["in_a_row"]
 
 
 class KNNMonitor(L.Callback):
-    """Every ``every_n_epochs`` (and before the first epoch), kNN top-1/top-5 of the pooled encoder features."""
+    """Every ``every_n_epochs`` (and before the first epoch), kNN top-1/top-5 of the pooled encoder features.
+
+    The first evaluation also scores the raw pixels, so that the end of a run can be read against both the
+    untrained encoder (``knn/start_top1``) and the pixels (``knn/pixels_top1``).
+    """
 
     def __init__(self, every_n_epochs: int = 1, k: int = 20, temperature: float = 0.07) -> None:
         self.every_n_epochs = every_n_epochs
         self.k = k
         self.temperature = temperature
+        self.baselines: dict[str, float] = {}
         self.last: dict[str, float] = {}
+
+    @property
+    def results(self) -> dict[str, float]:
+        return self.baselines | self.last
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == 0 and trainer.global_step == 0:
@@ -34,18 +94,29 @@ class KNNMonitor(L.Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0 or last_epoch:
             self._evaluate(trainer, pl_module)
 
+    def _score(self, trainer: L.Trainer, features: torch.nn.Module, device: torch.device) -> tuple[float, float]:
+        loaders = trainer.datamodule.knn_dataloaders()
+        return knn_accuracy(features, loaders, trainer.datamodule.num_classes, self.k, self.temperature, device)
+
     @rank_zero_only
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loaders = trainer.datamodule.knn_dataloaders()
-        if loaders is None:
+        if trainer.datamodule.knn_dataloaders() is None:
             return
-        top1, top5 = knn_accuracy(
-            pl_module.encoder, loaders, trainer.datamodule.num_classes, self.k, self.temperature, pl_module.device
-        )
+        top1, top5 = self._score(trainer, pl_module.encoder, pl_module.device)
         self.last = {"knn/top1": top1, "knn/top5": top5}
+        if trainer.global_step == 0:
+            with torch.random.fork_rng(devices=[]):  # its loaders' seeds leave the run's random stream as it was
+                pixels_top1 = self._score(trainer, RawPixels(), "cpu")[0]
+            self.baselines = {"knn/start_top1": top1, "knn/pixels_top1": pixels_top1}
         for logger in trainer.loggers:
-            logger.log_metrics(self.last, step=trainer.global_step)
-        rank_zero_info(f"kNN at step {trainer.global_step}: top-1 {self.last['knn/top1']:.4f}")
+            logger.log_metrics(self.results, step=trainer.global_step)
+        rank_zero_info(f"kNN at step {trainer.global_step}: top-1 {top1:.4f}")
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.baselines)  # a resumed run still reads its end against its own start
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.baselines = dict(state_dict)
 
 
 class PictureLogger(L.Callback):
@@ -66,16 +137,27 @@ class PictureLogger(L.Callback):
         self.std = torch.tensor(list(std or [1.0, 1.0, 1.0])).view(1, 3, 1, 1)
         self._batch: dict[str, torch.Tensor] | None = None
         self.saved: list[Path] = []
+        self.first_and_last: Path | None = None
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self._batch is None:
             self._batch = {k: v[: self.num_images].detach() for k, v in batch.items() if torch.is_tensor(v) and v.ndim}
+            if trainer.global_step == 0:  # the untrained model: what the last picture is compared with
+                # on a forked generator: this picture came later than the others, and keeps their seeded runs
+                cuda = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda):
+                    self.draw(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if step % self.every_n_steps == 0 or step == trainer.estimated_stepping_batches:
             self.draw(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         self.draw(trainer, pl_module)
+        steps = sorted(self.out_dir.glob("step*.png"))  # earlier commands of a resumed run included
+        if rank_zero_only.rank == 0 and len(steps) > 1:
+            self.first_and_last = side_by_side(steps[0], steps[-1], self.out_dir / "first_and_last.png")
 
     @rank_zero_only
     def draw(self, trainer: L.Trainer, pl_module) -> None:
@@ -93,7 +175,8 @@ class PictureLogger(L.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step{trainer.global_step:07d}.png"
         save_image(grid, path)
-        self.saved.append(path)
+        if path not in self.saved:
+            self.saved.append(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("pictures/objective", [grid], step=trainer.global_step)

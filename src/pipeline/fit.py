@@ -22,9 +22,11 @@ from src.config import validate
 from src.data.datamodule import build_datamodule
 from src.methods import method_class
 from src.methods.base import TrainingMethod
-from src.pipeline.callbacks import KNNMonitor, PictureLogger
+from src.pipeline.callbacks import KNNMonitor, NonFiniteGuard, PictureLogger
 from src.pipeline.checkpoint import AtomicCheckpointIO
 from src.pipeline.loggers import build_loggers, check_logger, wandb_run_dir
+from src.pipeline.output import single_log_stream
+from src.pipeline.report import loss_curve
 from src.pipeline.run_folder import check_same_run, record_run, resume_checkpoint, run_lock
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ class RunResult:
     checkpoint: Path | None
     exports: dict[str, Path] = field(default_factory=dict)
     pictures: Path | None = None
+    loss_curve: Path | None = None
+    first_and_last: Path | None = None
     wandb_dir: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     global_step: int = 0
@@ -76,6 +80,7 @@ def run(cfg: DictConfig) -> RunResult:
 
     Rank zero holds the run folder's lock throughout; other ranks (DDP children, torchrun) join its run.
     """
+    single_log_stream()
     method = prepare(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     if rank_zero_only.rank != 0:
@@ -118,6 +123,8 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
                 save_on_train_epoch_end=True,
             )
         )
+        guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+        callbacks.append(guard)
         mean, std = method.pixel_stats(cfg)
         pictures = PictureLogger(run_dir / "pictures", cfg.pictures.every_n_steps, cfg.pictures.num_images, mean, std)
         callbacks.append(pictures)
@@ -138,7 +145,8 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
     else:
         trainer.validate(module, dataloaders=module.evaluation_loaders(datamodule), verbose=False)
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1} | (knn.last if knn else {})
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics |= knn.results if knn else {}
     result = RunResult(
         run_dir=run_dir,
         checkpoint=checkpoint,
@@ -156,13 +164,15 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
             result.metrics |= extra
         if cfg.get("export", True):
             result.exports = module.export(run_dir / "export")
-    if trainer.is_global_zero:
+        if method.fits:
+            result.loss_curve = loss_curve(run_dir / "csv" / "metrics.csv", run_dir / "pictures" / "loss.png")
+            result.first_and_last = pictures.first_and_last
         (run_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
     return result
 
 
 def summary(result: RunResult) -> str:
-    """The one block a user reads at the end of a run."""
+    """The one block a user reads at the end of a run: where everything went, and what the numbers mean."""
     lines = [f"run finished at step {result.global_step}: {result.run_dir}"]
     if result.checkpoint:
         lines.append(f"  checkpoint : {result.checkpoint}  (resume: same command, resume=auto)")
@@ -170,6 +180,10 @@ def summary(result: RunResult) -> str:
         lines.append(f"  export     : {name} -> {path}")
     if result.pictures:
         lines.append(f"  pictures   : {result.pictures}")
+    if result.first_and_last:
+        lines.append(f"  first/last : {result.first_and_last}  (the same images at the first and the last step)")
+    if result.loss_curve:
+        lines.append(f"  loss curve : {result.loss_curve}")
     lines.append(
         f"  metrics    : {result.run_dir / 'metrics.json'}, history in {result.run_dir / 'csv' / 'metrics.csv'}"
     )
@@ -177,11 +191,34 @@ def summary(result: RunResult) -> str:
         lines.append(f"  W&B run    : {result.wandb_dir}  (offline runs upload with `wandb sync {result.wandb_dir}`)")
     else:
         lines.append("  W&B run    : off (logger=csv or logger.wandb.enabled=false)")
-    if "data/skipped" in result.metrics:
+    metrics = result.metrics
+    if "data/skipped" in metrics or "train/nonfinite_steps" in metrics:
         lines.append(
-            f"  data       : {result.metrics['data/skipped']:.0f} corrupt samples skipped (named in the warnings)"
+            f"  skipped    : {metrics.get('data/skipped', 0):.0f} corrupt samples (named in the warnings), "
+            f"{metrics.get('train/nonfinite_steps', 0):.0f} steps with NaN/inf gradients"
         )
-    shown = {k: v for k, v in result.metrics.items() if k.startswith(("train/loss", "knn/", "val/", "tokenizer/"))}
+    shown = {k: v for k, v in metrics.items() if k.startswith(("train/loss", "val/", "tokenizer/", "knn/top5"))}
     if shown:
         lines.append("  results    : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
+    if "knn/top1" in metrics:
+        lines.extend(knn_reading(metrics, result.global_step))
     return "\n".join(lines)
+
+
+def knn_reading(metrics: dict[str, float], step: int) -> list[str]:
+    """kNN top-1 now, beside the untrained encoder and the raw pixels, and what the difference says."""
+    now = 100 * metrics["knn/top1"]
+    line = f"  kNN top-1  : {now:.1f} at step {step}"
+    if "knn/start_top1" not in metrics:
+        return [line]
+    start, pixels = 100 * metrics["knn/start_top1"], 100 * metrics["knn/pixels_top1"]
+    lines = [f"{line}; {start:.1f} at step 0 (the untrained encoder); {pixels:.1f} on the raw pixels"]
+    gain = now - start
+    if gain > 0:
+        verdict = f"the encoder learned: {gain:.1f} points above its untrained self"
+    else:
+        verdict = f"no gain over the untrained encoder yet ({gain:+.1f} points): this run was too short to show one"
+    if now < pixels:
+        verdict += "; raw pixels are still ahead: on small grey images they are a kNN baseline short runs miss"
+    lines.append(f"               {verdict}")
+    return lines

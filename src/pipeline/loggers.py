@@ -84,6 +84,14 @@ def wandb_run_id(run_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]
 
 
+class QuietWandbLogger(WandbLogger):
+    """Lightning hands wandb its deprecated ``anonymous`` setting on every run, and wandb warns about it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._wandb_init.pop("anonymous")
+
+
 def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = [AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="")]
     wb = cfg.logger.wandb
@@ -91,7 +99,7 @@ def build_loggers(cfg: Any, run_dir: Path) -> list[Logger]:
         mode = resolve_wandb_mode(wb.mode)
         os.environ.setdefault("WANDB_SILENT", "true")
         loggers.append(
-            WandbLogger(
+            QuietWandbLogger(
                 project=wb.project,
                 entity=wb.entity,
                 name=cfg.run_name,

@@ -41,6 +41,7 @@ PARTIAL_SUFFIX = ".tmp"
 # Keys that change no result: they may differ between the commands of one run.
 HARMLESS = ("resume", "takeover", "resume_changes", "num_workers", "checkpoint_every_n_steps", "export", "pictures.")
 HARMLESS += ("logger.", "trainer.log_every_n_steps", "trainer.devices", "trainer.num_nodes", "knn.every_n_epochs")
+HARMLESS += ("max_nonfinite_steps",)
 # Keys that may change on resume when the command says so (resume_changes=[...]): how long the run goes on.
 RESUMABLE = ("epochs", "trainer.max_epochs", "trainer.max_steps")
 IMPLIED = {"epochs": ("trainer.max_epochs",)}  # trainer.max_epochs follows epochs in every config
