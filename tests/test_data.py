@@ -122,6 +122,10 @@ def test_transforms_give_normalised_rgb_and_pickle(test_split):
     view = evaluate(img)["image"]
     assert torch.equal(view, evaluate(img)["image"])
     assert torch.equal(to_uint8(view[None])[0], images[0])  # same size: exactly the original pixels
+    whole = PretrainTransform(size, MEAN, STD, crop_scale=None)  # flips only: the image or its mirror, uncropped
+    views = [whole(img)["image"] for _ in range(16)]
+    assert all(torch.equal(v, view) or torch.equal(v, view.flip(-1)) for v in views)
+    assert any(torch.equal(v, view) for v in views) and any(torch.equal(v, view.flip(-1)) for v in views)
 
 
 def test_collate_skipping_counts_and_drops_all_corrupt_batches(test_split):

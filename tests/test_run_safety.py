@@ -156,6 +156,7 @@ def test_a_live_holder_refuses_a_second_process_and_a_dead_one_is_taken_over(tmp
         ("trainer.max_epochs=0", "trainer.max_epochs=0"),
         ("trainer.max_steps=0", "trainer.max_steps=0"),
         ("trainer.precision=bogus", "trainer.precision='bogus' must be one of"),
+        ("objective.crop_scale=[0.5,0.2]", "objective.crop_scale=[0.5, 0.2] must be null"),
         ("logger=wandb", "logger.wandb.mode=online but api.wandb.ai does not answer"),
     ],
 )

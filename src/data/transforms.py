@@ -44,14 +44,24 @@ class _ImageTransform:
 
 
 class PretrainTransform(_ImageTransform):
-    """MAE's augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip."""
+    """MAE's augmentation: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip.
 
-    def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        head = [
-            v2.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=BICUBIC),
-            v2.RandomHorizontalFlip(),
-        ]
-        super().__init__(head, mean, std)
+    ``crop_scale=None`` keeps the whole image (bicubic resize) and only flips: small images such as 28 px
+    garments lose their object to a 20 % crop.
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        crop_scale: tuple[float, float] | None = (0.2, 1.0),
+    ) -> None:
+        if crop_scale is None:
+            view = [v2.Resize(img_size, interpolation=BICUBIC), v2.CenterCrop(img_size)]
+        else:
+            view = [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=BICUBIC)]
+        super().__init__([*view, v2.RandomHorizontalFlip()], mean, std)
 
 
 class EvalTransform(_ImageTransform):

@@ -98,7 +98,8 @@ class TrainingMethod(L.LightningModule):
     @classmethod
     def train_transform(cls, cfg: DictConfig) -> SampleTransform:
         """Per-sample training transform run in DataLoader workers (MAE's crop + flip by default)."""
-        return PretrainTransform(cfg.dataset.img_size, *cls.pixel_stats(cfg))
+        crop_scale = cfg[cls.config_section].get("crop_scale", (0.2, 1.0))
+        return PretrainTransform(cfg.dataset.img_size, *cls.pixel_stats(cfg), crop_scale=crop_scale)
 
     @classmethod
     def eval_transform(cls, cfg: DictConfig) -> SampleTransform:

@@ -109,6 +109,11 @@ class MAE(TrainingMethod):
                 ("mask_ratio", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
                 ("decoder_depth", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
                 ("decoder_dim", lambda v: isinstance(v, int) and v % 4 == 0, "must be divisible by 4 (sin-cos table)"),
+                (
+                    "crop_scale",
+                    lambda v: v is None or (len(v) == 2 and 0 < v[0] <= v[1] <= 1),
+                    "must be null (no crop: resize and flip) or [low, high] with 0 < low <= high <= 1",
+                ),
             ],
         )
         layout = check_target_grid(cfg)
