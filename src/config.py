@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from typing import Any, get_args
 
 from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.pytorch.accelerators import AcceleratorRegistry
+from lightning.pytorch.strategies import StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -42,8 +44,10 @@ def exit_on_user_error() -> Iterator[None]:
 _ABSENT = object()
 Rule = tuple[str, Callable[[Any], bool], str]  # (key, predicate, what the value must be)
 
-# What Lightning accepts as a precision (its own type), plus our "auto".
+# What Lightning accepts as a precision (its own type), plus our "auto"; accelerators and strategies by name.
 PRECISIONS = ("auto", *(str(v) for arg in get_args(_PRECISION_INPUT) for v in get_args(arg)))
+ACCELERATORS = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+STRATEGIES = ("auto", *StrategyRegistry.available_strategies())
 
 # The keys every run shares. Keys absent from a composed config are not checked.
 SHARED_RULES: list[Rule] = [
@@ -56,6 +60,8 @@ SHARED_RULES: list[Rule] = [
     ("trainer.max_epochs", lambda v: v is None or v == -1 or v >= 1, "must be -1 (no limit) or at least 1"),
     ("trainer.max_steps", lambda v: v is None or v == -1 or v >= 1, "must be -1 (no limit) or at least 1"),
     ("trainer.precision", lambda v: str(v) in PRECISIONS, f"must be one of {PRECISIONS}"),
+    ("trainer.accelerator", lambda v: v in ACCELERATORS, f"must be one of {ACCELERATORS}"),
+    ("trainer.strategy", lambda v: v in STRATEGIES, f"must be one of {STRATEGIES}"),
     ("max_nonfinite_steps", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
     ("trainer.accumulate_grad_batches", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
 ]

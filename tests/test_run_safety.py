@@ -157,6 +157,8 @@ def test_a_live_holder_refuses_a_second_process_and_a_dead_one_is_taken_over(tmp
         ("trainer.max_steps=0", "trainer.max_steps=0"),
         ("trainer.precision=bogus", "trainer.precision='bogus' must be one of"),
         ("objective.crop_scale=[0.5,0.2]", "objective.crop_scale=[0.5, 0.2] must be null"),
+        ("trainer.accelerator=gpus", "trainer.accelerator='gpus' must be one of ('auto', 'gpu', 'cpu'"),
+        ("trainer.strategy=dpp", "trainer.strategy='dpp' must be one of ('auto', 'ddp'"),
         ("logger=wandb", "logger.wandb.mode=online but api.wandb.ai does not answer"),
     ],
 )
