@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import src.benchmarks.core as benchmark
+import src.benchmarks.data as bench_data
 import src.benchmarks.pale as bench_pale
 import src.benchmarks.pale_profile as pale_profile
 
@@ -18,7 +19,7 @@ import src.benchmarks.pale_profile as pale_profile
 def test_benchmark_sections_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Every section is registered; ps_attention renders its table (measured in-process here)."""
     benchmark.discover_sections()
-    assert {"pale_vs_swin", "ps_attention", "pale_profile", "mae_token_drop"} <= set(benchmark.SECTIONS)
+    assert {"pale_vs_swin", "ps_attention", "pale_profile", "mae_token_drop", "data_views"} <= set(benchmark.SECTIONS)
 
     def in_process(setup: benchmark.StepSetup, args: Any) -> benchmark.Measurement:
         return benchmark.measure_in_process(setup, args.device, args.steps, args.warmup, args.threads)
@@ -27,6 +28,11 @@ def test_benchmark_sections_run(capsys: pytest.CaptureFixture[str], monkeypatch:
     benchmark.main(["--sections", "ps_attention", "--attn-sizes", "32", "--steps", "1", "--warmup", "0"])
     out = capsys.readouterr().out
     assert "| 32 | 8x8 | 32+32 | 64 |" in out and "memory naive/pale" in out
+
+    benchmark.main(["--sections", "data_views", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--repeats", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4 |")]
+    assert [row.split(" | ")[1] for row in rows] == [label for label, _, _ in bench_data.VIEWS]
+    assert all(float(row.split(" | ")[3].replace(",", "")) > 0 for row in rows)
 
 
 def test_benchmark_alternates_order_and_pairs_rounds(monkeypatch: pytest.MonkeyPatch) -> None:

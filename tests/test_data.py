@@ -128,6 +128,35 @@ def test_transforms_give_normalised_rgb_and_pickle(test_split):
     assert any(torch.equal(v, view) for v in views) and any(torch.equal(v, view.flip(-1)) for v in views)
 
 
+def test_batched_views_match_the_per_image_path(test_split):
+    """dataset.tensor_transforms: the same views from tensor ops on whole batches, drawn differently."""
+    images, labels = test_split
+    first = images[:32]
+    for size in (images.shape[-1], 32):  # native size: exact; upsampled: torch's bicubic vs PIL's, one grey level
+        evaluate = EvalTransform(size, MEAN, STD)
+        per_image = torch.stack([evaluate(Image.fromarray(img.numpy()))["image"] for img in first])
+        assert torch.allclose(evaluate.batch(first), per_image, atol=1.01 / 255 / STD[0], rtol=0)
+    whole = EvalTransform(images.shape[-1], MEAN, STD).batch(first)
+    views = PretrainTransform(images.shape[-1], MEAN, STD, crop_scale=None).batch(first)
+    kept = [torch.equal(v, w) for v, w in zip(views, whole, strict=True)]
+    mirrored = [torch.equal(v, w.flip(-1)) for v, w in zip(views, whole, strict=True)]
+    assert all(k or m for k, m in zip(kept, mirrored, strict=True)) and 0 < sum(kept) < 32
+    crops = PretrainTransform(32, MEAN, STD).batch(first)
+    assert crops.shape == (32, 3, 32, 32) and torch.equal(crops[:, 0], crops[:, 2])
+
+    sizes = {"img_size": 32, "train_limit": 128, "knn_bank": 100, "knn_queries": 50}
+    cfg = dataset_cfg("fashion_mnist", **sizes, tensor_transforms=True)
+    dm = make_dm(cfg, batch_size=64, num_workers=0)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 2 and batches[0]["image"].shape == (64, 3, 32, 32) and int(batches[0]["skipped"]) == 0
+    queries = dm.knn_dataloaders()[1]
+    assert torch.equal(torch.cat([b["label"] for b in queries]), labels[:50])
+    with pytest.raises(ConfigError, match="tensor_transforms=true: this run's training transform .* no batched form"):
+        build_datamodule(cfg, lambda img: {"image": img}, EvalTransform(32, MEAN, STD), 64, 0)
+    with pytest.raises(ConfigError, match="tensor_transforms=true needs in-memory images"):
+        make_dm(dataset_cfg("image_folder", root="/nowhere", tensor_transforms=True), 8, 0)
+
+
 def test_collate_skipping_counts_and_drops_all_corrupt_batches(test_split):
     images, _ = test_split
     sample = {"image": images[0].float()[None].expand(3, -1, -1), "label": torch.tensor(4), "mask": torch.ones(4)}

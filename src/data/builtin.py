@@ -103,7 +103,11 @@ def load_fashion_mnist(root: str | Path, split: str) -> tuple[torch.Tensor, torc
 
 
 class TensorImageDataset(Dataset):
-    """In-memory grey uint8 images served as PIL "L" images through a sample transform (adds "label")."""
+    """In-memory grey uint8 images served as PIL "L" images through a sample transform (adds "label").
+
+    With ``batched=True`` the DataLoader's batched fetch (``__getitems__``) runs the transform's
+    ``batch`` form once over all the batch's images instead of once per PIL image.
+    """
 
     def __init__(
         self,
@@ -111,15 +115,25 @@ class TensorImageDataset(Dataset):
         labels: torch.Tensor,
         transform: Callable[[Image.Image], dict[str, torch.Tensor]],
         limit: int | None = None,
+        batched: bool = False,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        if batched and not hasattr(transform, "batch"):
+            raise ValueError(f"{type(transform).__name__} has no batched form")
         self.images = images[:limit].numpy()
         self.labels = labels[:limit].tolist()
         self.transform = transform
+        self.batched = batched
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return labelled_sample(self.transform, Image.fromarray(self.images[index]), self.labels[index])  # uint8 -> "L"
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        if not self.batched:
+            return [self[i] for i in indices]
+        views = self.transform.batch(torch.from_numpy(self.images[indices]))
+        return [{"image": view, "label": torch.tensor(self.labels[i])} for view, i in zip(views, indices, strict=True)]

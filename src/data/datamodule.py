@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -132,6 +133,15 @@ class ImageDataModule(L.LightningDataModule):
             _positive_or_none(cfg, key)
         train_limit = _positive_or_none(cfg, "train_limit", minimum=self.batch_size)
 
+        if cfg.get("tensor_transforms", False):
+            if cfg.kind != "fashion_mnist":
+                raise ConfigError(f"dataset.tensor_transforms=true needs in-memory images (fashion_mnist): {cfg.kind}")
+            for role, transform in (("training", self.train_transform), ("evaluation", self.eval_transform)):
+                if not hasattr(transform, "batch"):
+                    raise ConfigError(
+                        f"dataset.tensor_transforms=true: this run's {role} transform ({type(transform).__name__}) "
+                        "has no batched form; set dataset.tensor_transforms=false"
+                    )
         if cfg.kind == "fashion_mnist":
             fashion_mnist_source(_required(cfg, "root", "/usr/share/datasets/fashion-mnist"))
         elif cfg.kind == "image_folder":
@@ -164,9 +174,10 @@ class ImageDataModule(L.LightningDataModule):
         if cfg.kind == "fashion_mnist":
             train_images, train_labels = load_fashion_mnist(cfg.root, "train")
             test_images, test_labels = load_fashion_mnist(cfg.root, "test")
-            self._train = TensorImageDataset(train_images, train_labels, self.train_transform, cfg.get("train_limit"))
-            self._bank = TensorImageDataset(train_images, train_labels, self.eval_transform, cfg.get("knn_bank"))
-            self._queries = TensorImageDataset(test_images, test_labels, self.eval_transform, cfg.get("knn_queries"))
+            dataset = partial(TensorImageDataset, batched=bool(cfg.get("tensor_transforms", False)))
+            self._train = dataset(train_images, train_labels, self.train_transform, cfg.get("train_limit"))
+            self._bank = dataset(train_images, train_labels, self.eval_transform, cfg.get("knn_bank"))
+            self._queries = dataset(test_images, test_labels, self.eval_transform, cfg.get("knn_queries"))
         elif cfg.kind == "image_folder":
             train = ImageFolderDataset(cfg.root, self.train_transform, key="dataset.root", scanned=self._scanned)
             self._train = train.view(self.train_transform, cfg.get("train_limit"))

@@ -3,6 +3,13 @@
 They are classes (not lambdas) so DataLoader workers can pickle them under any start method.
 Geometric ops run on the PIL image before the grey -> RGB conversion, so grey data (Fashion-MNIST)
 is cropped and resized once per image rather than once per replicated channel.
+
+``PretrainTransform`` and ``EvalTransform`` also have ``batch(images)``: the same view for a whole batch of
+in-memory grey uint8 images with tensor ops (``dataset.tensor_transforms=true``). Per image it costs a
+fraction of the PIL path's Python overhead, which matters when two cores share data and model. Flips-only
+views draw the same random numbers in the same order as the per-image path: at the images' own size both
+give the same views (to float rounding), resized ones differ by at most a grey level (torch's bicubic is
+not PIL's). Crops draw in another order, so those runs differ from the PIL path's.
 """
 
 from __future__ import annotations
@@ -11,9 +18,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2
+from torchvision.transforms import RandomResizedCrop, v2
+from torchvision.transforms.v2 import functional as TF
 
 BICUBIC = v2.InterpolationMode.BICUBIC
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision's and MAE's default)
 SampleTransform = Callable[[Image.Image], dict[str, torch.Tensor]]
 
 
@@ -28,6 +37,8 @@ class _ImageTransform:
     """Shared tail: 3-channel float tensor normalised with the data set's mean/std."""
 
     def __init__(self, head: list[v2.Transform], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor([float(m) for m in mean]).view(1, 3, 1, 1)
+        self.std = torch.tensor([float(s) for s in std]).view(1, 3, 1, 1)
         self.pipeline = v2.Compose(
             [
                 *head,
@@ -41,6 +52,15 @@ class _ImageTransform:
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         return {"image": self.pipeline(img)}
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 1, H, W) grey -> float (B, 3, H, W) normalised, as the per-image tail does."""
+        return ((images.float() / 255.0 - self.mean) / self.std).contiguous()
+
+
+def resize_and_centre_crop(images: torch.Tensor, img_size: int) -> torch.Tensor:
+    """(B, C, H, W) uint8: the short side to ``img_size`` (bicubic, antialiased), then a centre crop."""
+    return TF.center_crop(TF.resize(images, img_size, interpolation=BICUBIC, antialias=True), img_size)
 
 
 class PretrainTransform(_ImageTransform):
@@ -57,11 +77,35 @@ class PretrainTransform(_ImageTransform):
         std: Sequence[float],
         crop_scale: tuple[float, float] | None = (0.2, 1.0),
     ) -> None:
+        self.img_size = img_size
+        self.crop_scale = None if crop_scale is None else [float(v) for v in crop_scale]
         if crop_scale is None:
             view = [v2.Resize(img_size, interpolation=BICUBIC), v2.CenterCrop(img_size)]
         else:
             view = [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=BICUBIC)]
         super().__init__([*view, v2.RandomHorizontalFlip()], mean, std)
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W) grey -> (B, 3, img_size, img_size): a crop (or the whole image), a flip, normalised."""
+        images = images.unsqueeze(1)
+        if self.crop_scale is None:
+            views = resize_and_centre_crop(images, self.img_size)
+        else:
+            size = [self.img_size, self.img_size]
+            views = torch.stack(
+                [
+                    TF.resized_crop(
+                        img,
+                        *RandomResizedCrop.get_params(img, self.crop_scale, list(CROP_RATIO)),
+                        size,
+                        interpolation=BICUBIC,
+                        antialias=True,
+                    )
+                    for img in images
+                ]
+            )
+        flip = torch.rand(len(views)) < 0.5
+        return self._normalise(torch.where(flip.view(-1, 1, 1, 1), views.flip(-1), views))
 
 
 class EvalTransform(_ImageTransform):
@@ -72,4 +116,9 @@ class EvalTransform(_ImageTransform):
     """
 
     def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.img_size = img_size
         super().__init__([v2.Resize(img_size, interpolation=BICUBIC), v2.CenterCrop(img_size)], mean, std)
+
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W) grey -> (B, 3, img_size, img_size), normalised."""
+        return self._normalise(resize_and_centre_crop(images.unsqueeze(1), self.img_size))
