@@ -12,6 +12,7 @@ import pytest
 
 import src.benchmarks.core as benchmark
 import src.benchmarks.data as bench_data
+import src.benchmarks.detection as bench_detection
 import src.benchmarks.pale as bench_pale
 import src.benchmarks.pale_profile as pale_profile
 
@@ -19,7 +20,8 @@ import src.benchmarks.pale_profile as pale_profile
 def test_benchmark_sections_run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Every section is registered; ps_attention renders its table (measured in-process here)."""
     benchmark.discover_sections()
-    assert {"pale_vs_swin", "ps_attention", "pale_profile", "mae_token_drop", "data_views"} <= set(benchmark.SECTIONS)
+    sections = {"pale_vs_swin", "ps_attention", "pale_profile", "mae_token_drop", "data_views", "detection_ratios"}
+    assert sections <= set(benchmark.SECTIONS)
 
     def in_process(setup: benchmark.StepSetup, args: Any) -> benchmark.Measurement:
         return benchmark.measure_in_process(setup, args.device, args.steps, args.warmup, args.threads)
@@ -33,6 +35,14 @@ def test_benchmark_sections_run(capsys: pytest.CaptureFixture[str], monkeypatch:
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4 |")]
     assert [row.split(" | ")[1] for row in rows] == [label for label, _, _ in bench_data.VIEWS]
     assert all(float(row.split(" | ")[3].replace(",", "")) > 0 for row in rows)
+
+    monkeypatch.setattr(bench_detection, "ARCH", "mim_vit_tiny_patch16")  # the section's real step, ViT-Ti sized
+    args = ["--sections", "detection_ratios", "--batch-size", "1", "--img-size", "64", "--steps", "1", "--warmup", "0"]
+    benchmark.main([*args, "--repeats", "1"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")]
+    ratios = ["0.25", "0.5", "1 (full input)"]
+    assert [(row[1], row[2]) for row in rows] == [(part, r) for part in ("detector", "backbone only") for r in ratios]
+    assert all(float(row[3]) > 0 for row in rows)
 
 
 def test_benchmark_alternates_order_and_pairs_rounds(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ from tests.conftest import REPO, compose_config
 
 FRONT_DOORS = {"src.pretrain": "pretrain", "src.finetune": "finetune", "src.train_tokenizer": "tokenizer"}
 FRONT_DOORS["src.train_supervised"] = "supervised"
-OTHER_COMMANDS = ("src.export", "src.benchmark", "src.data.write_shards")
+OTHER_COMMANDS = ("src.export", "src.benchmark", "src.data.write_shards", "src.detection.build_sets")
 
 
 def readme_commands() -> list[list[str]]:

@@ -1,6 +1,8 @@
-"""Detection: the room for the MIMDet partial-input detector on torchvision's Mask R-CNN.
+"""Detection: MIMDet's partial-input detector on torchvision's Mask R-CNN (docs/detection.md).
 
-Planned contents (one module each): the ConvStem, the partial-input ViT backbone and its decoder, the FPN
-assembly, the COCO-format data and the COCO evaluation. It will be one more training method in
-``src/methods`` (``task=detect``), fitted by the same pipeline as every other run. Nothing is here yet.
+One module each: ``backbone`` (ConvStem, partial-input ViT, MAE-started decoder, FPN; the pyramid backbone for
+Pale), ``detector`` (the Mask R-CNN / Faster R-CNN assembly), ``data`` (COCO-format sets, the recipe's
+augmentation, the data module), ``build_sets`` (the real small sets), ``evaluation`` (COCO box and mask AP) and
+``pictures``. The training method is ``src/methods/detect.py`` (``task=detect``), fitted by the same pipeline
+as every other run.
 """

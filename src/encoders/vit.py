@@ -46,6 +46,17 @@ SIZES: dict[str, dict[str, int]] = {
 DISTILLED_SUFFIX = "_distilled"
 
 
+def init_linear_and_norm(module: nn.Module) -> None:
+    """MAE's init of one module: xavier-uniform linears with zero biases, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class MaskableViT(VisionTransformer, PatchTokenEncoder):
     """timm ViT that can also encode only kept patches (MAE) or mask-token-replaced patches (SimMIM, BEiT)."""
 
@@ -76,14 +87,8 @@ class MaskableViT(VisionTransformer, PatchTokenEncoder):
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        for m in self.modules():  # this order: the draws match the official code's
+            init_linear_and_norm(m)
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,7 +27,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from src.config import ConfigError, check_grid, check_rules
-from src.data.datamodule import ImageDataModule, SamplerFactory, SampleTransform
+from src.data.datamodule import ImageDataModule, SamplerFactory, SampleTransform, build_datamodule
 from src.data.transforms import EvalTransform, PretrainTransform
 from src.encoders import create_encoder
 from src.encoders.base import EXPORT_DROPPED, HEADS, MaskedEncoder
@@ -96,6 +96,18 @@ class TrainingMethod(L.LightningModule):
         return cfg.dataset.mean, cfg.dataset.std
 
     @classmethod
+    def build_data(cls, cfg: DictConfig) -> L.LightningDataModule:
+        """The data module, checked before any model is built (images and labels through the method's transforms)."""
+        return build_datamodule(
+            cfg.dataset,
+            train_transform=cls.train_transform(cfg),
+            eval_transform=cls.eval_transform(cfg),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers,
+            train_sampler=cls.train_sampler(cfg),
+        )
+
+    @classmethod
     def train_transform(cls, cfg: DictConfig) -> SampleTransform:
         """Per-sample training transform run in DataLoader workers (MAE's crop + flip by default)."""
         crop_scale = cfg[cls.config_section].get("crop_scale", (0.2, 1.0))
@@ -127,6 +139,10 @@ class TrainingMethod(L.LightningModule):
         """What ``trainer.validate`` reads for a method that trains nothing (``fits = False``)."""
         return [datamodule.val_dataloader()]
 
+    def needs_final_validation(self) -> bool:
+        """Whether the pipeline validates once more after fitting (a method that validates every N epochs)."""
+        return False
+
     def after_fit(self, trainer: L.Trainer, datamodule: ImageDataModule, run_dir: Path) -> dict[str, float]:
         """Measurements taken once on rank zero after training (e.g. a tokenizer's codebook usage)."""
         return {}
@@ -151,6 +167,10 @@ class TrainingMethod(L.LightningModule):
         self.log("data/skipped", self.skipped_total.float(), batch_size=self.batch_size)
         return loss
 
+    def batch_len(self, batch: Any) -> int:
+        """Images in a batch (a detection batch holds a list of images of different sizes)."""
+        return batch["image"].shape[0]
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
@@ -158,7 +178,7 @@ class TrainingMethod(L.LightningModule):
         if self._step_started is None:
             return
         seconds = time.perf_counter() - self._step_started
-        images = batch["image"].shape[0] * self.trainer.world_size
+        images = self.batch_len(batch) * self.trainer.world_size
         self.log("train/images_per_sec", images / max(seconds, 1e-9), prog_bar=True, batch_size=self.batch_size)
 
     # ---- optimisation --------------------------------------------------------------------------
@@ -176,9 +196,7 @@ class TrainingMethod(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)  # also loads the train loader: batches are known
         steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
         warmup = min(int(self.warmup_epochs * steps_per_epoch), total)
-        schedule = partial(
-            warmup_cosine, warmup_steps=warmup, total_steps=total, min_ratio=self.optim.get("min_lr", 0.0) / lr
-        )
+        schedule = self.lr_schedule(lr, warmup, total, steps_per_epoch)
         rank_zero_info(  # a log line: LightningModule.print drops output before the progress bar exists
             f"lr {lr:.3g} (base {self.optim['base_lr']:g} x {self.global_batch()}/"
             f"{self.optim['reference_batch']}), warm-up {warmup} of {total} steps"
@@ -187,6 +205,12 @@ class TrainingMethod(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
         }
+
+    def lr_schedule(self, lr: float, warmup: int, total: int, steps_per_epoch: int) -> Callable[[int], float]:
+        """The lr multiplier per optimizer step: linear warm-up, then a half-cosine down to ``optim.min_lr``."""
+        return partial(
+            warmup_cosine, warmup_steps=warmup, total_steps=total, min_ratio=self.optim.get("min_lr", 0.0) / lr
+        )
 
     # ---- checkpoints ---------------------------------------------------------------------------
     frozen_parts: ClassVar[tuple[str, ...]] = ()  # submodules loaded from their own files, kept out of checkpoints

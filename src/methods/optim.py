@@ -44,6 +44,18 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_step_decay(
+    step: int, warmup_steps: int, milestones: Iterable[int], gamma: float = 0.1, warmup_factor: float = 0.001
+) -> float:
+    """lr multiplier of the detection recipes: linear from ``warmup_factor`` over the warm-up, then x ``gamma``
+    at each milestone step passed."""
+    decay = gamma ** sum(step >= m for m in milestones)
+    if step < warmup_steps:
+        alpha = step / warmup_steps
+        return decay * (warmup_factor * (1 - alpha) + alpha)
+    return decay
+
+
 def _without_final_norm(spec: str | list | tuple | None) -> str | list | tuple | None:
     """Drop timm's ``(r"^norm", (99999,))`` entry, which would give the final norm a layer of its own."""
     if isinstance(spec, (list, tuple)):

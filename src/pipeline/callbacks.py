@@ -48,7 +48,7 @@ class NonFiniteGuard(L.Callback):
                     p.grad = None  # a parameter without a gradient is left alone, moments and decay included
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        pl_module.log("train/nonfinite_steps", self.total.float(), batch_size=batch["image"].shape[0])
+        pl_module.log("train/nonfinite_steps", self.total.float(), batch_size=pl_module.batch_len(batch))
         if self.in_a_row.device.type != "cpu" and trainer.global_step % trainer.log_every_n_steps:
             return
         if int(self.in_a_row) >= self.max_in_a_row:

@@ -19,7 +19,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import validate
-from src.data.datamodule import build_datamodule
 from src.methods import method_class
 from src.methods.base import TrainingMethod
 from src.pipeline.callbacks import KNNMonitor, NonFiniteGuard, PictureLogger
@@ -97,14 +96,7 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
     if rank_zero_only.rank == 0:
         record_run(run_dir, cfg)
 
-    datamodule = build_datamodule(  # data first: a wrong path fails before any model is built
-        cfg.dataset,
-        train_transform=method.train_transform(cfg),
-        eval_transform=method.eval_transform(cfg),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        train_sampler=method.train_sampler(cfg),
-    )
+    datamodule = method.build_data(cfg)  # data first: a wrong path fails before any model is built
     module = method.from_config(cfg)
     if module.init_report is not None:
         module.init_report.publish(run_dir)
@@ -140,6 +132,8 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
         if ckpt_path is not None:
             log.info("resuming from %s", ckpt_path)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if module.needs_final_validation():  # every rank: a validation between epochs missed the last weights
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         checkpoint = run_dir / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(checkpoint, weights_only=False)  # full state: a max_steps stop would lose steps
     else:

@@ -1,0 +1,155 @@
+"""Mask R-CNN (Faster R-CNN for boxes-only data) assembled from torchvision's parts around our backbones.
+
+What differs from ``torchvision.models.detection.maskrcnn_resnet50_fpn_v2``, and why:
+
+- the backbone receives the real image sizes beside the padded batch (``PartialInputRCNN``): MIMDet drops
+  padding tokens first, so it must know where each image ends;
+- RoIAlign samples with ``aligned=True`` (half-pixel offset) and an adaptive sampling ratio
+  (``AlignedMultiScaleRoIAlign``), as the detectron2 models MIMDet reports; torchvision's pooler hard-codes
+  ``aligned=False``;
+- resizing follows train/eval mode (``DetectionTransform``): a random shortest edge from ``train_sizes`` in
+  training, ``test_size`` in evaluation, the long side capped at ``max_size``;
+- the RPN keeps 2000 proposals per level before NMS in training and 1000 in testing, 1000 after NMS in both.
+
+The heads are the ``*_fpn_v2`` shapes: a 2-conv RPN head, a 4-conv + 1-fc(1024) box head and a 4-conv mask
+head, each conv followed by BatchNorm. Anchors are 32..512 px on P2..P6 with ratios 0.5/1/2 by default.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
+
+FEATURE_MAPS = ["0", "1", "2", "3"]  # P2..P5 for the RoI heads; "pool" (P6) feeds the RPN only
+ANCHOR_SIZES = (32, 64, 128, 256, 512)
+ANCHOR_RATIOS = (0.5, 1.0, 2.0)
+
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    """Normalise, resize and pad to a multiple of 32; the resize follows train/eval mode."""
+
+    def __init__(
+        self, train_sizes: Sequence[int], test_size: int, max_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        super().__init__(tuple(train_sizes), max_size, list(mean), list(std), size_divisible=32)
+        self.train_sizes, self.test_size = tuple(int(s) for s in train_sizes), int(test_size)
+
+    def train(self, mode: bool = True) -> DetectionTransform:
+        super().train(mode)
+        self.min_size = self.train_sizes if mode else (self.test_size,)  # torchvision draws from min_size in training
+        return self
+
+
+class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
+    """torchvision's FPN pooler (same level assignment and scales) with ``aligned=True`` RoIAlign."""
+
+    def forward(
+        self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        features = [x[name] for name in self.featmap_names]
+        if self.scales is None or self.map_levels is None:
+            self.scales, self.map_levels = _setup_scales(
+                features, image_shapes, self.canonical_scale, self.canonical_level
+            )
+        rois = _convert_to_roi_format(boxes)
+        levels = self.map_levels(boxes)
+        out = features[0].new_zeros((rois.shape[0], features[0].shape[1], *self.output_size))
+        for level, (feature, scale) in enumerate(zip(features, self.scales, strict=True)):
+            index = torch.where(levels == level)[0]
+            pooled = roi_align(feature, rois[index], self.output_size, scale, self.sampling_ratio, aligned=True)
+            out[index] = pooled.to(out.dtype)
+        return out
+
+
+class PartialInputRCNN(GeneralizedRCNN):
+    """GeneralizedRCNN whose backbone takes ``(padded batch, real image sizes)``."""
+
+    def forward(
+        self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
+    ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Training: the loss dict (targets required). Evaluation: detections in the input images' pixels."""
+        if self.training and targets is None:
+            raise ValueError("training needs targets")
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, targets = self.transform(images, targets)
+        features = self.backbone(batch.tensors, batch.image_sizes)
+        if isinstance(features, torch.Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, proposal_losses = self.rpn(batch, features, targets)
+        detections, detector_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        if self.training:
+            return {**detector_losses, **proposal_losses}
+        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+
+
+def build_detector(
+    backbone: nn.Module,
+    num_classes: int,
+    masks: bool,
+    train_sizes: Sequence[int],
+    test_size: int,
+    max_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    anchor_sizes: Sequence[int] = ANCHOR_SIZES,
+    roi_samples: int = 512,
+    test_proposals: int = 1000,
+) -> PartialInputRCNN:
+    """Mask R-CNN (``masks``) or Faster R-CNN for ``num_classes`` foreground classes on ``backbone``.
+
+    ``backbone`` returns an OrderedDict of five maps ("0".."3", "pool") with ``backbone.out_channels``, which
+    the head convs keep (256 in the paper). ``roi_samples``: proposals per image that train the RoI heads
+    (512 in the paper; the heads' cost on a CPU grows with it); ``test_proposals``: RPN proposals per image
+    kept after NMS in evaluation (1000 in the paper).
+    """
+    if len(anchor_sizes) != len(FEATURE_MAPS) + 1:
+        raise ValueError(f"anchor_sizes needs one size per level P2..P6 (5), got {list(anchor_sizes)}")
+    channels = backbone.out_channels
+    anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (ANCHOR_RATIOS,) * len(anchor_sizes))
+    rpn = RegionProposalNetwork(
+        anchors,
+        RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2),
+        fg_iou_thresh=0.7,
+        bg_iou_thresh=0.3,
+        batch_size_per_image=256,
+        positive_fraction=0.5,
+        pre_nms_top_n={"training": 2000, "testing": 1000},
+        post_nms_top_n={"training": 1000, "testing": test_proposals},
+        nms_thresh=0.7,
+    )
+    box_head = FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [1024], norm_layer=nn.BatchNorm2d)
+    mask_parts = {}
+    if masks:
+        mask_parts = {
+            "mask_roi_pool": AlignedMultiScaleRoIAlign(FEATURE_MAPS, 14, sampling_ratio=0),
+            "mask_head": MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=nn.BatchNorm2d),
+            "mask_predictor": MaskRCNNPredictor(channels, channels, num_classes + 1),
+        }
+    roi_heads = RoIHeads(
+        AlignedMultiScaleRoIAlign(FEATURE_MAPS, 7, sampling_ratio=0),
+        box_head,
+        FastRCNNPredictor(1024, num_classes + 1),
+        fg_iou_thresh=0.5,
+        bg_iou_thresh=0.5,
+        batch_size_per_image=roi_samples,
+        positive_fraction=0.25,
+        bbox_reg_weights=None,
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        detections_per_img=100,
+        **mask_parts,
+    )
+    transform = DetectionTransform(train_sizes, test_size, max_size, mean, std)
+    return PartialInputRCNN(backbone, rpn, roi_heads, transform)

@@ -1,0 +1,295 @@
+"""Detection fine-tuning (``task=detect``): MIMDet on torchvision's Mask R-CNN through the front door.
+
+A real (tiny) MAE pretraining run on Fashion-MNIST makes the checkpoints; the detector then trains and is
+evaluated on real Fashion-MNIST scenes, deepforest's aerial tree tiles (boxes only) and stardist's nuclei.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY, compose_config
+from omegaconf import OmegaConf
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+
+from src.config import ConfigError
+from src.detection.data import CocoDataModule
+from src.detection.detector import AlignedMultiScaleRoIAlign, DetectionTransform
+from src.methods.detect import Detection
+from src.methods.optim import scaled_lr, warmup_step_decay
+from src.pipeline.fit import prepare, run
+
+MAE_LIGHT = ["objective.decoder_dim=32", "objective.decoder_depth=2", "objective.decoder_heads=2"]
+SMALL_HEADS = [
+    "task.fpn_channels=32",
+    "task.roi_samples=32",
+    "task.test_proposals=50",
+    "task.anchor_sizes=[8,16,32,64,128]",
+]
+SCENES = [
+    "dataset=fmnist_scenes",
+    "dataset.build_args.train_images=8",
+    "dataset.build_args.val_images=4",
+    "dataset.build_args.canvas=96",
+    "dataset.build_args.scale=[1,2]",
+    "dataset.sizes.train=[64,96]",
+    "dataset.sizes.test=96",
+    "dataset.sizes.max=160",
+    "dataset.crop.sizes=[64]",
+    "dataset.crop.range=[48,64]",
+]
+PALE_SMALL = ["+encoder.kwargs.embed_dim=16", "+encoder.kwargs.depths=[1,1,1,1]", "+encoder.kwargs.num_heads=[2,2,2,2]"]
+
+
+def detect_overrides(tmp_path: Path, *overrides: str) -> list[str]:
+    """A tiny detection run on real scenes: 4 px ViT-T (2 blocks) as the MAE fixture trains, 32-wide heads."""
+    return [
+        *[o for o in TINY if not o.startswith("dataset.")],
+        *SCENES,
+        f"runs_dir={tmp_path}",
+        f"dataset.root={tmp_path}/scenes",
+        "task=detect",
+        "task.pretrain_img_size=32",
+        "task.decoder_depth=2",
+        "task.decoder_dim=32",
+        "task.decoder_heads=2",
+        *SMALL_HEADS,
+        "batch_size=4",
+        "epochs=1",
+        "warmup_epochs=0",
+        *overrides,
+    ]
+
+
+def detect_config(tmp_path: Path, *overrides: str):
+    return compose_config(detect_overrides(tmp_path, *overrides), config_name="finetune")
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory) -> Path:
+    """A real (tiny) MAE pretraining run: Lightning checkpoint, encoder export and the official-layout file."""
+    runs = tmp_path_factory.mktemp("mae")
+    fast = ["dataset.train_limit=32", "epochs=1", "warmup_epochs=0", "knn=null"]
+    result = run(compose_config([*TINY, *fast, *MAE_LIGHT, f"runs_dir={runs}", "run_name=mae"]))
+    return result.run_dir
+
+
+def mae_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def built(cfg) -> Detection:
+    prepare(cfg)
+    CocoDataModule(cfg.dataset, cfg.batch_size, 0)  # builds the scenes on first use
+    return Detection.from_config(cfg)
+
+
+# ---- the front door --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_detection_trains_from_an_mae_checkpoint_and_reports_coco_ap(mae_run, tmp_path):
+    ckpt = mae_run / "checkpoints" / "last.ckpt"
+    cfg = detect_config(tmp_path, f"init.checkpoint={ckpt}", "trainer.max_steps=2", "task.compare_train_ratio=true")
+    result = run(cfg)
+    metrics = result.metrics
+    for key in ("box/ap", "box/ap50", "box/ap_small", "mask/ap", "mask/ap75"):
+        assert 0.0 <= metrics[f"val/{key}"] <= 1.0 or metrics[f"val/{key}"] == -1.0, key
+    assert "val_train_ratio/box/ap" in metrics  # the paper's comparison: evaluation at the train ratio
+    assert {"train/loss_classifier", "train/loss_mask", "train/loss_objectness"} <= set(metrics)
+    report = json.loads((result.run_dir / "init_report.json").read_text())
+    assert report["kind"] == "lightning" and report["loaded"] and not report["unexpected"]
+    assert any(k.startswith("decoder_blocks.1.") for k in report["decoder_loaded"])
+    assert report["decoder_not_loaded"] == []  # the MAE decoder had all it needs; fill_proj is new by design
+    assert report["random_by_design"][:2] == ["ConvStem", "decoder fill-in projection"]
+    assert list((result.run_dir / "pictures").glob("detections_step*.png"))
+    assert (result.run_dir / "export" / "detector.safetensors").is_file()
+
+
+def test_the_decoder_starts_as_the_mae_decoder_and_the_encoder_as_its_encoder(mae_run, tmp_path):
+    state = mae_state(mae_run)
+    module = built(detect_config(tmp_path, f"init.checkpoint={mae_run / 'checkpoints' / 'last.ckpt'}"))
+    decoder = module.detector.backbone.decoder.state_dict()
+    for key in ("decoder_embed.weight", "decoder_blocks.0.attn.qkv.weight", "decoder_blocks.1.mlp.fc2.bias"):
+        assert torch.equal(decoder[key], state[key]), key
+    encoder = module.encoder.state_dict()
+    assert torch.equal(encoder["blocks.1.attn.proj.weight"], state["encoder.blocks.1.attn.proj.weight"])
+    assert module.detector.backbone.decoder.decoder_pos_embed.shape == state["decoder_pos_embed"].shape
+
+
+def test_the_official_full_mae_layout_loads_encoder_and_decoder(mae_run, tmp_path):
+    official = mae_run / "export" / "mae_full_official.pth"
+    state = torch.load(official, weights_only=True)["model"]
+    cfg = detect_config(tmp_path, f"init.checkpoint={official}", "init.kind=official", "encoder.kwargs.patch_size=4")
+    module = built(cfg)
+    assert module.init_report.kind == "official"
+    decoder = module.detector.backbone.decoder.state_dict()
+    assert torch.equal(decoder["decoder_blocks.1.attn.qkv.weight"], state["decoder_blocks.1.attn.qkv.weight"])
+    assert torch.equal(module.encoder.state_dict()["blocks.0.mlp.fc1.weight"], state["blocks.0.mlp.fc1.weight"])
+
+
+def test_an_encoder_only_checkpoint_is_refused_for_the_decoder_unless_asked(mae_run, tmp_path):
+    export = mae_run / "export" / "encoder.safetensors"
+    overrides = [f"init.checkpoint={export}", "encoder.kwargs.patch_size=4"]
+    with pytest.raises(ConfigError, match="has no MAE decoder.*task.random_decoder=true"):
+        prepare(detect_config(tmp_path, *overrides))
+    module = built(detect_config(tmp_path, *overrides, "task.random_decoder=true"))
+    report = module.init_report
+    assert report.loaded and not report.decoder_loaded
+    assert "decoder_blocks.0.attn.qkv.weight" in report.decoder_not_loaded
+    assert any("init (decoder): loaded 0" in line for line in report.lines())
+
+
+def test_a_decoder_deeper_than_the_checkpoints_is_refused(mae_run, tmp_path):
+    cfg = detect_config(tmp_path, f"init.checkpoint={mae_run / 'checkpoints' / 'last.ckpt'}", "task.decoder_depth=4")
+    with pytest.raises(ConfigError, match="task.decoder_depth=4 but the checkpoint's MAE decoder has 2 blocks"):
+        prepare(cfg)
+
+
+# ---- the detector on real images --------------------------------------------------------------------------------
+def real_batch(cfg) -> dict:
+    data = CocoDataModule(cfg.dataset, cfg.batch_size, 0)
+    return next(iter(data.train_dataloader())), next(iter(data.val_dataloader()))
+
+
+@pytest.mark.parametrize("ratio", [0.25, 1.0])
+def test_every_trainable_parameter_gets_a_gradient_on_real_scenes(tmp_path, ratio):
+    """DDP (find_unused_parameters=False) needs this; ratio 1.0 leaves MIMDet's fill-in projection idle."""
+    cfg = detect_config(tmp_path, f"task.train_ratio={ratio}")
+    module = built(cfg)
+    train, _ = real_batch(cfg)
+    loss, losses = module.compute_loss(train)
+    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} == set(losses)
+    loss.backward()
+    idle = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not idle
+
+
+def test_evaluation_sees_the_full_input_and_returns_detections_in_image_pixels(tmp_path):
+    cfg = detect_config(tmp_path, "task.train_ratio=0.25")
+    module = built(cfg).eval()
+    _, val = real_batch(cfg)
+    seen = []
+    module.detector.backbone.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        predictions = module(val["images"])
+    grid = [(img.shape[-2] // 16, img.shape[-1] // 16) for img in val["images"]]
+    assert seen[0] >= max(h * w for h, w in grid)  # all tokens of the padded grid, none sampled away
+    for image, prediction in zip(val["images"], predictions, strict=True):
+        assert prediction["masks"].shape[-2:] == image.shape[-2:]
+        if len(prediction["boxes"]):
+            assert (
+                prediction["boxes"][:, 2].max() <= image.shape[-1]
+                and prediction["boxes"][:, 3].max() <= image.shape[-2]
+            )
+
+
+def test_boxes_only_data_trains_faster_rcnn_with_a_pale_encoder(tmp_path):
+    """deepforest's aerial tiles have boxes only; Pale feeds the FPN from its four stages."""
+    cfg = compose_config(
+        [
+            "task=detect",
+            "encoder=pale_t",
+            *PALE_SMALL,
+            "dataset=deepforest_trees",
+            f"dataset.root={tmp_path}/trees",
+            "dataset.sizes.train=[128]",
+            "dataset.sizes.test=128",
+            "dataset.sizes.max=128",
+            *SMALL_HEADS,
+            "batch_size=2",
+            "logger=csv",
+            f"runs_dir={tmp_path}",
+        ],
+        config_name="finetune",
+    )
+    module = built(cfg)
+    assert module.init_report.random_by_design == ["FPN", "RPN", "RoI heads"]
+    train, val = real_batch(cfg)
+    loss, losses = module.compute_loss(train)
+    assert "loss_mask" not in losses and torch.isfinite(loss)
+    loss.backward()
+    assert not [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    with torch.no_grad():
+        predictions = module.eval()(val["images"])
+    assert all("masks" not in p and p["boxes"].shape[1] == 4 for p in predictions)
+
+
+# ---- parts and recipe facts ----------------------------------------------------------------------------------------
+def test_roi_align_is_aligned_on_the_level_torchvision_assigns():
+    features = {str(i): torch.randn(1, 4, 64 // 2**i, 64 // 2**i) for i in range(4)}
+    boxes = [torch.tensor([[3.3, 4.1, 20.7, 30.2], [1.0, 2.0, 60.0, 61.0]])]
+    ours = AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], 7, sampling_ratio=0)(features, boxes, [(128, 128)])
+    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, sampling_ratio=0)(features, boxes, [(128, 128)])
+    # first box: level 0 (scale 1/2); the second, larger, one: level 1 (scale 1/4), as torchvision maps them
+    rois = torch.cat([torch.zeros(2, 1), boxes[0]], 1)
+    expected = [roi_align(features["0"], rois[:1], 7, 0.5, 0, aligned=True)]
+    expected.append(roi_align(features["1"], rois[1:], 7, 0.25, 0, aligned=True))
+    assert torch.allclose(ours, torch.cat(expected), atol=1e-6)
+    assert not torch.allclose(ours, plain, atol=1e-3)  # torchvision's own pooler is not aligned
+
+
+def test_the_transform_resizes_by_mode():
+    transform = DetectionTransform([96, 128], 160, 300, [0.5] * 3, [0.25] * 3)
+    images = [torch.rand(3, 50, 100)]
+    transform.train()
+    sides = {min(transform(images)[0].image_sizes[0]) for _ in range(30)}
+    assert sides == {96, 128}
+    transform.eval()
+    assert transform(images)[0].image_sizes[0] == (150, 300)  # test size 160 capped by max 300 on the long side
+
+
+def test_the_step_schedule_warms_up_then_drops_tenfold():
+    assert warmup_step_decay(0, 10, [100, 150]) == pytest.approx(0.001)
+    assert warmup_step_decay(10, 10, [100, 150]) == 1.0
+    assert warmup_step_decay(120, 10, [100, 150]) == pytest.approx(0.1)
+    assert warmup_step_decay(150, 10, [100, 150]) == pytest.approx(0.01)
+
+
+def test_three_lr_groups_and_the_papers_lr_at_batch_64(tmp_path):
+    module = built(detect_config(tmp_path, "task.lr_mult=2.0"))
+    scale_of = {id(p): g["lr_scale"] for g in module.param_groups() for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in module.param_groups() for p in g["params"]}
+    backbone = module.detector.backbone
+    assert {scale_of[id(p)] for p in backbone.stem.parameters()} == {1.0}
+    assert {scale_of[id(p)] for p in module.encoder.blocks.parameters()} == {0.5}
+    assert {scale_of[id(p)] for p in backbone.decoder.decoder_blocks.parameters()} == {2.0}
+    assert {scale_of[id(p)] for p in module.detector.roi_heads.parameters()} == {2.0}
+    assert decay_of[id(module.encoder.blocks[0].norm1.weight)] == 0.0
+    assert decay_of[id(module.encoder.blocks[0].attn.qkv.bias)] == 0.0
+    assert decay_of[id(module.encoder.blocks[0].attn.qkv.weight)] == 0.1
+    recipe = compose_config(["recipe=mimdet_vit_b_coco_3x", "dataset.root=/data/coco"], config_name="finetune")
+    optim = recipe.task.optim
+    assert scaled_lr(optim.base_lr, recipe.batch_size * 8, optim.reference_batch) == pytest.approx(8e-5)
+    assert OmegaConf.to_container(recipe.task.lr_milestones) == [27, 33] and recipe.epochs == 36
+
+
+@pytest.mark.slow
+def test_two_process_ddp_at_ratio_one_has_no_unused_parameters(mae_run, tmp_path):
+    """Lightning's DDP runs with find_unused_parameters=False: an idle parameter would stop the run."""
+    ckpt = mae_run / "checkpoints" / "last.ckpt"
+    overrides = [f"init.checkpoint={ckpt}", "trainer=cpu_ddp", "trainer.max_steps=1", "task.train_ratio=1.0"]
+    args = detect_overrides(tmp_path, *overrides, "run_name=ddp")
+    args = [a for a in args if not a.startswith("trainer.devices")]  # cpu_ddp's 2 processes, not TINY's 1
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "src.finetune", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    assert (tmp_path / "ddp" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_an_encoder_that_is_neither_mimdet_nor_a_pyramid_is_refused_before_work():
+    cfg = compose_config(["task=detect", "encoder=beit_t", "dataset=stardist_nuclei"], config_name="finetune")
+    with pytest.raises(ConfigError, match="encoder=beit_t .* neither by token sampling"):
+        prepare(cfg)
