@@ -89,9 +89,9 @@ class InitReport(FilterReport):
             return ["init: random (no checkpoint)"]
         out = [
             f"init: {self.kind} checkpoint {self.checkpoint}",
-            f"  loaded {len(self.loaded)}, missing {len(self.missing)}{_names(self.missing)}, "
-            f"unexpected {len(self.unexpected)}{_names(self.unexpected)}, "
-            f"shape-mismatched {len(self.mismatched)}{_names(self.mismatched)}, dropped {len(self.dropped)}",
+            f"  loaded {len(self.loaded)}, missing {len(self.missing)}{preview_names(self.missing)}, "
+            f"unexpected {len(self.unexpected)}{preview_names(self.unexpected)}, "
+            f"shape-mismatched {len(self.mismatched)}{preview_names(self.mismatched)}, dropped {len(self.dropped)}",
         ]
         out += [f"  remapped {src} -> {dst}" for src, dst in self.remapped.items()]
         out += [f"  {note}" for note in self.notes]
@@ -106,7 +106,7 @@ class InitReport(FilterReport):
         print("\n".join([*self.lines(), f"  full report: {path}"]))
 
 
-def _names(keys: list[str], shown: int = 6) -> str:
+def preview_names(keys: list[str], shown: int = 6) -> str:
     if not keys:
         return ""
     more = f", ... {len(keys) - shown} more" if len(keys) > shown else ""
@@ -222,10 +222,10 @@ def load_encoder_weights(
             report.loaded.append(key)
     report.missing = sorted(k for k in set(own) - set(state) if not k.startswith(EXPORT_DROPPED))
     if report.unexpected:
-        problems.append(f"encoder tensors this model lacks:{_names(report.unexpected)}")
+        problems.append(f"encoder tensors this model lacks:{preview_names(report.unexpected)}")
     absent = [k for k in report.missing if not k.startswith(fresh_by_design)]
     if absent:
-        problems.append(f"model tensors the checkpoint lacks:{_names(absent)}")
+        problems.append(f"model tensors the checkpoint lacks:{preview_names(absent)}")
     if problems and strict:
         raise ConfigError(
             f"init.checkpoint={init.checkpoint} does not match encoder={encoder_cfg.get('name', encoder_cfg.arch)}: "

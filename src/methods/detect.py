@@ -31,7 +31,7 @@ from src.detection.evaluation import DetectionEvaluator
 from src.detection.pictures import DetectionPictures
 from src.encoders import create_encoder
 from src.encoders.base import MaskedEncoder
-from src.encoders.loading import InitReport, read_checkpoint, save_weights
+from src.encoders.loading import InitReport, preview_names, read_checkpoint, save_weights
 from src.methods.base import TrainingMethod
 from src.methods.classify import resolve_encoder_from_init, start_encoder
 from src.methods.optim import exempt_from_weight_decay, warmup_step_decay
@@ -51,8 +51,8 @@ class DetectionInitReport(InitReport):
         out = [line.replace("init:", "init (encoder):", 1) for line in super().lines()]
         if self.decoder_loaded or self.decoder_not_loaded:
             out.append(
-                f"init (decoder): loaded {len(self.decoder_loaded)} tensors from the MAE decoder; random: "
-                + (", ".join(self.decoder_not_loaded) or "nothing")
+                f"init (decoder): loaded {len(self.decoder_loaded)} tensors from the MAE decoder, "
+                f"{len(self.decoder_not_loaded)} left random{preview_names(self.decoder_not_loaded)}"
             )
         out.append("random by design (new in detection, as in MIMDet): " + ", ".join(self.random_by_design))
         return out
