@@ -191,7 +191,11 @@ def summary(result: RunResult) -> str:
             f"  skipped    : {metrics.get('data/skipped', 0):.0f} corrupt samples (named in the warnings), "
             f"{metrics.get('train/nonfinite_steps', 0):.0f} steps with NaN/inf gradients"
         )
-    shown = {k: v for k, v in metrics.items() if k.startswith(("train/loss", "val/", "tokenizer/", "knn/top5"))}
+    shown = {
+        k: v
+        for k, v in metrics.items()
+        if k.startswith(("train/loss", "val/", "val_train_ratio/", "tokenizer/", "knn/top5"))
+    }
     if shown:
         lines.append("  results    : " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items())))
     if "knn/top1" in metrics:
