@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,18 @@ TINY = [
     "trainer.accelerator=cpu",
     "trainer.devices=1",
 ]
+
+
+def start_pretraining(args: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """A pretraining run in the background, in its own process group (so a test can kill all of it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "src.pretrain", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def compose_config(overrides: list[str], config_name: str = "pretrain") -> DictConfig:

@@ -14,11 +14,11 @@ from conftest import TINY, assert_export_reproduces, compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 from skimage import data as skimage_data
-from torch.utils.data import DistributedSampler
 
 from src.config import ConfigError
 from src.data.builtin import load_fashion_mnist
-from src.data.classification import ClassificationTrainTransform, RepeatedAugmentation
+from src.data.classification import ClassificationTrainTransform
+from src.data.distributed import GlobalBatchSampler
 from src.encoders.loading import load_state_dict_file
 from src.methods.deit import DeiT, DistillationLoss
 from src.methods.teacher import EFFICIENTNET_LITE0_PACKAGE, IMAGENET_INPUT, InputSpec, build_teacher
@@ -263,13 +263,15 @@ def test_deit_augmentation_and_repeated_sampling():
     out = transform(Image.fromarray(images[0].numpy()))["image"]
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
 
-    repeat = RepeatedAugmentation(3)
-    assert repeat(range(12), num_replicas=1, rank=0) is None  # one process: plain shuffling, as in the DeiT code
-    ranks = [repeat(list(range(12)), num_replicas=3, rank=r) for r in range(3)]
-    assert all(isinstance(s, DistributedSampler) for s in ranks)  # Lightning will not wrap it again
-    # DeiT's RASampler: each rank gets a third of the (shuffled) images; every one of them is on all three ranks,
-    # augmented independently there
-    seen = [list(s) for s in ranks]
-    assert all(len(s) == 4 == len(set(s)) for s in seen) and seen[0] == seen[1] == seen[2]
-    ranks[0].set_epoch(1)
-    assert list(ranks[0]) != seen[0]  # a new epoch, a new draw
+    # Repeated augmentation: each drawn image 3 times in a row in the epoch's order (one global batch holds its
+    # copies), each copy with a seed of its own, so augmented differently; the same at any world size
+    sampler = GlobalBatchSampler(12, 6, 1, 0, 1, seed=0, position=lambda: (0, 0), repeats=3)
+    batches = list(sampler)
+    indices = [i for batch in batches for i, _ in batch]
+    assert len(indices) == 12 and all(indices.count(i) == 3 for i in set(indices)) and len(set(indices)) == 4
+    assert all(indices[3 * k] == indices[3 * k + 1] == indices[3 * k + 2] for k in range(4))
+    assert len({seed for batch in batches for _, seed in batch}) == 12
+    two_ranks = [GlobalBatchSampler(12, 3, 2, r, 1, seed=0, position=lambda: (0, 0), repeats=3) for r in range(2)]
+    assert sorted(k for s in two_ranks for b in s for k in b) == sorted(k for b in batches for k in b)
+    later = GlobalBatchSampler(12, 6, 1, 0, 1, seed=0, position=lambda: (1, 2), repeats=3)
+    assert [i for b in later for i, _ in b] != indices  # a new epoch, a new draw

@@ -15,11 +15,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from src.config import ConfigError
+from src.data.datamodule import SkippingDataLoader
 from src.detection.build_sets import build_set, main, package_data
 from src.detection.data import (
     CocoDataModule,
     CocoDetection,
-    DetectionLoader,
     DetectionTrainTransform,
     collate_detection,
     tight_boxes,
@@ -233,12 +233,12 @@ def test_corrupt_image_is_skipped_and_counted(tiny: Path, caplog: pytest.LogCapt
     with caplog.at_level(logging.WARNING):
         for order, skipped in (([good, bad, good], [1, 0]), ([bad, bad, good], [2])):  # an all-corrupt batch: carried
             data.images, data.annotations = order, [anns] * 3
-            batches = list(DetectionLoader(data, batch_size=2, collate_fn=collate_detection))
+            batches = list(SkippingDataLoader(data, batch_size=2, collate_fn=collate_detection))
             assert [b["skipped"].item() for b in batches] == skipped
             assert sum(len(b["images"]) for b in batches) == order.count(good)
         data.images = [bad]
-        with pytest.raises(RuntimeError, match="every image of this pass over the data was corrupt"):
-            list(DetectionLoader(data, batch_size=2, collate_fn=collate_detection))
+        with pytest.raises(RuntimeError, match="every sample of this pass over the data was corrupt"):
+            list(SkippingDataLoader(data, batch_size=2, collate_fn=collate_detection))
     assert "b.png" in caplog.text
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import REPO, TINY
+from conftest import REPO, TINY, start_pretraining
 
 pytestmark = pytest.mark.slow  # every test here starts real processes
 
@@ -120,14 +120,7 @@ def test_killed_run_resumes_at_the_same_step(tmp_path):
     args = [*TINY, *MAE_LIGHT, f"runs_dir={tmp_path}", "run_name=killed", "epochs=50", "checkpoint_every_n_steps=2"]
     ckpt = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "src.pretrain", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_pretraining(args, env)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and not (ckpt.is_file() and last_step(ckpt) >= 6):

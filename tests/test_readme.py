@@ -54,7 +54,7 @@ def test_the_readme_has_its_commands() -> None:
 
 @pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(argv)[:80] for argv in COMMANDS])
 def test_each_readme_command_composes(argv: list[str]) -> None:
-    module, args = argv[0], [a for a in argv[1:] if a not in ("--cfg", "job")]
+    module, args = argv[0], [a for a in argv[1:] if a not in ("--cfg", "job", "-m")]  # -m: Hydra's multirun
     if module in FRONT_DOORS:
         cfg = compose_config(args, config_name=FRONT_DOORS[module])
         assert cfg.method

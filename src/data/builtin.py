@@ -132,8 +132,9 @@ class TensorImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return labelled_sample(self.transform, Image.fromarray(self.images[index]), self.labels[index])  # uint8 -> "L"
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+    def __getitems__(self, indices: list[int], seeds: list[int] | None = None) -> list[dict[str, torch.Tensor]]:
+        """A batch at once; ``seeds`` (from ``SeededDataset``) give each image's random view its own generator."""
         if not self.batched:
             return [self[i] for i in indices]
-        views = self.transform.batch(torch.from_numpy(self.images[indices]))
+        views = self.transform.batch(torch.from_numpy(self.images[indices]), seeds)
         return [{"image": view, "label": torch.tensor(self.labels[i])} for view, i in zip(views, indices, strict=True)]

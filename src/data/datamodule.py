@@ -10,17 +10,19 @@ config's and keep their own type and traceback.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from src.config import ConfigError
 from src.data.builtin import TensorImageDataset, fashion_mnist_source, load_fashion_mnist
+from src.data.distributed import SampleExtras, SeededDataset, evaluation_sampler, training_sampler
 from src.data.folder import ImageFolderDataset, find_class_folders, scan_image_folder
 from src.data.shards import ShardDataset, expand_shards
 from src.data.transforms import SampleTransform
@@ -28,8 +30,6 @@ from src.data.transforms import SampleTransform
 log = logging.getLogger(__name__)
 
 KINDS = ("fashion_mnist", "image_folder", "shards")
-# (training set, world size, rank) -> the training sampler, or None for plain shuffling (e.g. repeated augmentation)
-SamplerFactory = Callable[[Dataset, int, int], Sampler | None]
 
 
 def collate_skipping(samples: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
@@ -50,7 +50,7 @@ def _drop_empty_batches(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[
     carried = 0  # corrupt samples of dropped batches, reported with the next real batch
     delivered = 0
     for batch in batches:
-        if "image" not in batch:
+        if batch.keys() == {"skipped"}:
             carried += int(batch["skipped"])
             log.warning("dropped a batch in which all %d samples were corrupt", int(batch["skipped"]))
             continue
@@ -64,10 +64,20 @@ def _drop_empty_batches(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[
 
 
 class SkippingDataLoader(DataLoader):
-    """A DataLoader that never hands the model an empty batch; it fails only if a whole pass was corrupt."""
+    """A DataLoader that never hands the model an empty batch; it fails only if a whole pass was corrupt.
+
+    Its state lives in the trainer: a ``GlobalBatchSampler`` resumes from the trainer's global step, so there is
+    nothing of its own to save (``state_dict`` tells Lightning that a mid-epoch checkpoint resumes exactly).
+    """
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return _drop_empty_batches(super().__iter__())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the position is the trainer's (see the class docstring)."""
 
 
 def _positive_or_none(cfg: DictConfig, key: str, minimum: int = 1) -> int | None:
@@ -93,7 +103,9 @@ class ImageDataModule(L.LightningDataModule):
         eval_transform: SampleTransform,
         batch_size: int,
         num_workers: int,
-        train_sampler: SamplerFactory | None = None,
+        seed: int = 0,
+        train_repeats: int = 1,
+        sample_extras: SampleExtras | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -101,7 +113,9 @@ class ImageDataModule(L.LightningDataModule):
         self.eval_transform = eval_transform
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.train_sampler = train_sampler
+        self.seed = seed
+        self.train_repeats = train_repeats
+        self.sample_extras = sample_extras
         self._train: Dataset | None = None
         self._bank: Dataset | None = None
         self._queries: Dataset | None = None
@@ -153,8 +167,8 @@ class ImageDataModule(L.LightningDataModule):
         else:
             if train_limit is not None:
                 raise ConfigError("dataset.train_limit does not apply to shards; use dataset.samples_per_epoch")
-            if self.train_sampler is not None:
-                raise ConfigError("dataset.kind=shards streams samples: a training sampler (repeated aug) cannot apply")
+            if self.train_repeats > 1:
+                raise ConfigError("dataset.kind=shards streams samples: repeated augmentation cannot apply")
             try:
                 expand_shards(_required(cfg, "train_urls", "'data/train-{000000..000009}.tar'"), "dataset.train_urls")
                 if cfg.get("val_urls") is not None:
@@ -163,7 +177,8 @@ class ImageDataModule(L.LightningDataModule):
                 raise ConfigError(str(e)) from None
             if OmegaConf.is_missing(cfg, "samples_per_epoch"):
                 raise ConfigError("dataset.samples_per_epoch is required for shards (null = one pass per epoch)")
-            _positive_or_none(cfg, "samples_per_epoch", minimum=self.batch_size)
+            if _positive_or_none(cfg, "samples_per_epoch", minimum=self.batch_size) is None and cfg.get("resampled"):
+                raise ConfigError("dataset.resampled=true streams without end: set dataset.samples_per_epoch")
 
     # ---- datasets ------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -201,8 +216,9 @@ class ImageDataModule(L.LightningDataModule):
                 split_by_node=True,
                 shuffle_buffer=cfg.get("shuffle_buffer", 1000),
                 batch_size=self.batch_size,
+                resampled=bool(cfg.get("resampled", False)),
             )
-            if len(self._train.shards) < self._world_size():
+            if not self._train.resampled and len(self._train.shards) < self._world_size():
                 raise ValueError(
                     f"dataset.train_urls has {len(self._train.shards)} shards for {self._world_size()} ranks; "
                     "every rank needs at least one (write more, smaller shards)"
@@ -228,47 +244,49 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         assert self._train is not None
-        iterable = isinstance(self._train, ShardDataset)
-        workers = self._workers_for(self._train, per_rank=True)
-        sampler = None
-        if self.train_sampler is not None:
-            rank = self.trainer.global_rank if self.trainer is not None else 0
-            sampler = self.train_sampler(self._train, self._world_size(), rank)
+        if isinstance(self._train, ShardDataset):  # streamed: whole shards per rank and worker
+            if self._world_size() > 1 and self._train.num_samples is None:
+                raise ConfigError(
+                    "dataset.samples_per_epoch=null with several processes: ranks would run out of shards at "
+                    "different steps and wait for each other forever; set dataset.samples_per_epoch"
+                )
+            workers = self._workers_for(self._train, per_rank=True)
+            rank_zero_info(f"data: {self._train.describe(self._world_size(), workers)}")
+            return self._loader(self._train, workers, True, batch_size=self.batch_size, drop_last=True)
+        sampler = training_sampler(self.trainer, len(self._train), self.batch_size, self.seed, self.train_repeats)
+        return self._loader(SeededDataset(self._train, self.sample_extras), self.num_workers, True, batch_sampler=sampler)
+
+    def _loader(self, dataset: Dataset, num_workers: int, persistent: bool, **kwargs: Any) -> SkippingDataLoader:
         return SkippingDataLoader(
-            self._train,
-            batch_size=self.batch_size,
-            shuffle=not iterable and sampler is None,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=workers,
-            persistent_workers=workers > 0,
+            dataset,
+            num_workers=num_workers,
+            persistent_workers=persistent and num_workers > 0,
             collate_fn=collate_skipping,
             pin_memory=torch.cuda.is_available(),
+            **kwargs,
         )
 
-    def knn_dataloaders(self) -> tuple[DataLoader, DataLoader] | None:
-        """(bank, queries) with the eval transform, unshuffled; None without a labelled val split."""
+    def knn_dataloaders(self, rank_split: bool = False) -> tuple[DataLoader, DataLoader] | None:
+        """(bank, queries) with the eval transform, unshuffled; None without a labelled val split.
+
+        ``rank_split``: each rank reads positions rank, rank + world, ... (``RankStrideSampler``); otherwise every
+        caller reads the whole sets (the rank-zero kNN monitor).
+        """
         self.setup()
         if self._bank is None or self._queries is None:
             return None
-        return self._eval_loader(self._bank), self._eval_loader(self._queries)
+        return self._eval_loader(self._bank, rank_split), self._eval_loader(self._queries, rank_split)
 
     def val_dataloader(self) -> DataLoader | list:
-        """The kNN query loader (for objectives with a validation_step); [] when there is none."""
-        loaders = self.knn_dataloaders()
+        """The kNN query loader, split over the ranks (for methods with a validation_step); [] when there is none."""
+        loaders = self.knn_dataloaders(rank_split=True)
         return loaders[1] if loaders is not None else []
 
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset, rank_split: bool) -> DataLoader:
         workers = self._workers_for(dataset, per_rank=False)
-        return SkippingDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            drop_last=False,
-            num_workers=workers,
-            collate_fn=collate_skipping,
-            pin_memory=torch.cuda.is_available(),
-        )
+        split = rank_split and not isinstance(dataset, IterableDataset)
+        sampler = evaluation_sampler(self.trainer, len(dataset)) if split else None
+        return self._loader(dataset, workers, False, batch_size=self.batch_size, sampler=sampler)
 
     def _workers_for(self, dataset: Dataset, per_rank: bool) -> int:
         """Shard readers split whole shards between workers: more workers than shards would sit idle."""
@@ -299,8 +317,12 @@ def build_datamodule(
     eval_transform: SampleTransform,
     batch_size: int,
     num_workers: int,
-    train_sampler: SamplerFactory | None = None,
+    seed: int = 0,
+    train_repeats: int = 1,
+    sample_extras: SampleExtras | None = None,
 ) -> ImageDataModule:
     """Build and validate the data module for ``conf/dataset/<name>.yaml``."""
     cfg = dataset_cfg if isinstance(dataset_cfg, DictConfig) else OmegaConf.create(dict(dataset_cfg))
-    return ImageDataModule(cfg, train_transform, eval_transform, batch_size, num_workers, train_sampler)
+    return ImageDataModule(
+        cfg, train_transform, eval_transform, batch_size, num_workers, seed, train_repeats, sample_extras
+    )

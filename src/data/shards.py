@@ -30,6 +30,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset
 
+from src.data.distributed import mix_seed
 from src.data.folder import decode_or_none
 from src.data.transforms import labelled_sample
 
@@ -100,9 +101,10 @@ class ShardDataset(IterableDataset):
         split_by_node: bool = False,
         shuffle_buffer: int = 0,
         batch_size: int = 1,
+        resampled: bool = False,
     ) -> None:
-        if repeat and num_samples is None:
-            raise ValueError("repeat=True needs num_samples (dataset.samples_per_epoch) to end an epoch")
+        if (repeat or resampled) and num_samples is None:
+            raise ValueError("repeat/resampled needs num_samples (dataset.samples_per_epoch) to end an epoch")
         self.shards = expand_shards(urls, key)
         self.expected = manifest_counts(self.shards)
         self.transform = transform
@@ -111,13 +113,28 @@ class ShardDataset(IterableDataset):
         self.split_by_node = split_by_node
         self.shuffle_buffer = shuffle_buffer
         self.batch_size = batch_size
+        self.resampled = resampled
 
     def _rank_total(self, world_size: int) -> int:
         assert self.num_samples is not None
-        if not self.repeat:
+        if not (self.repeat or self.resampled):
             return self.num_samples
-        per_rank = self.num_samples // world_size if self.split_by_node else self.num_samples
+        per_rank = self.num_samples // world_size if self.split_by_node or self.resampled else self.num_samples
         return per_rank // self.batch_size * self.batch_size
+
+    def describe(self, world_size: int, num_workers: int) -> str:
+        """One line on how the shards are laid out over ranks and workers, for the log."""
+        if self.resampled:
+            return (
+                f"{len(self.shards)} shards drawn with replacement by each of {world_size} ranks x "
+                f"{max(num_workers, 1)} workers from its own seed; {self.num_samples} samples per epoch"
+            )
+        share = f"shards[r::{world_size}] on rank r" if self.split_by_node and world_size > 1 else "all shards"
+        epoch = f"{self.num_samples} samples per epoch, cycling" if self.repeat else "one pass per epoch"
+        return (
+            f"{len(self.shards)} shards, {share}, split again over {max(num_workers, 1)} workers; {epoch}; "
+            "each shard read once per pass over all ranks"
+        )
 
     def __len__(self) -> int:
         """Samples per epoch on this rank; TypeError (= unknown to Lightning) for an unbounded pass."""
@@ -130,8 +147,9 @@ class ShardDataset(IterableDataset):
         quota = None
         if self.num_samples is not None:
             quota = worker_quota(self._rank_total(world_size), self.batch_size, num_workers, worker)
-        # Drawn from torch's RNG: differs per worker and per epoch, reproducible under seed_everything.
-        seed = int(torch.randint(2**31, ()).item())
+        # Drawn from torch's RNG: differs per worker and per epoch, reproducible under seed_everything; mixed with
+        # the rank and worker, which a main-process reader (num_workers=0) would otherwise share with other ranks.
+        seed = mix_seed(int(torch.randint(2**31, ()).item()), rank, worker) % 2**31
         produced = 0
         while quota is None or produced < quota:
             in_pass = 0
@@ -141,7 +159,7 @@ class ShardDataset(IterableDataset):
                 yield sample
                 produced += 1
                 in_pass += 1
-            if not self.repeat:
+            if not (self.repeat or self.resampled):
                 return
             if in_pass == 0:
                 raise RuntimeError(
@@ -151,10 +169,13 @@ class ShardDataset(IterableDataset):
                 )
 
     def _one_pass(self, seed: int) -> wds.DataPipeline:
-        stages: list = [wds.SimpleShardList(self.shards)]
-        if self.split_by_node:
-            stages.append(wds.split_by_node)
-        stages.append(wds.split_by_worker)
+        if self.resampled:  # an endless draw of shards with replacement: no split, any number of ranks x workers
+            stages: list = [wds.ResampledShards(self.shards, seed=seed, deterministic=True)]
+        else:
+            stages = [wds.SimpleShardList(self.shards)]
+            if self.split_by_node:
+                stages.append(wds.split_by_node)
+            stages.append(wds.split_by_worker)
         if self.shuffle_buffer > 0:
             stages.append(wds.shuffle(len(self.shards), initial=len(self.shards), seed=seed))
         stages.append(partial(read_shards, expected=self.expected))

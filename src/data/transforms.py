@@ -15,11 +15,14 @@ not PIL's). Crops draw in another order, so those runs differ from the PIL path'
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
+
+from src.data.distributed import sample_rng
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision's and MAE's default)
@@ -85,26 +88,32 @@ class PretrainTransform(_ImageTransform):
             view = [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=BICUBIC)]
         super().__init__([*view, v2.RandomHorizontalFlip()], mean, std)
 
-    def batch(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W) grey -> (B, 3, img_size, img_size): a crop (or the whole image), a flip, normalised."""
+    def batch(self, images: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
+        """uint8 (B, H, W) grey -> (B, 3, img_size, img_size): a crop (or the whole image), a flip, normalised.
+
+        With ``seeds`` each image draws its crop and flip under its own seed, first the crop then the flip,
+        as the per-image path does; without, the batch draws them from the running stream.
+        """
         images = images.unsqueeze(1)
+        draws = [nullcontext()] * len(images) if seeds is None else [sample_rng(s) for s in seeds]
+        boxes, flips = [], []
+        for img, draw in zip(images, draws, strict=True):
+            with draw:
+                if self.crop_scale is not None:
+                    boxes.append(RandomResizedCrop.get_params(img, self.crop_scale, list(CROP_RATIO)))
+                if seeds is not None:
+                    flips.append(bool(torch.rand(1) < 0.5))
         if self.crop_scale is None:
             views = resize_and_centre_crop(images, self.img_size)
         else:
             size = [self.img_size, self.img_size]
             views = torch.stack(
                 [
-                    TF.resized_crop(
-                        img,
-                        *RandomResizedCrop.get_params(img, self.crop_scale, list(CROP_RATIO)),
-                        size,
-                        interpolation=BICUBIC,
-                        antialias=True,
-                    )
-                    for img in images
+                    TF.resized_crop(img, *box, size, interpolation=BICUBIC, antialias=True)
+                    for img, box in zip(images, boxes, strict=True)
                 ]
             )
-        flip = torch.rand(len(views)) < 0.5
+        flip = torch.rand(len(views)) < 0.5 if seeds is None else torch.tensor(flips)
         return self._normalise(torch.where(flip.view(-1, 1, 1, 1), views.flip(-1), views))
 
 
@@ -119,6 +128,6 @@ class EvalTransform(_ImageTransform):
         self.img_size = img_size
         super().__init__([v2.Resize(img_size, interpolation=BICUBIC), v2.CenterCrop(img_size)], mean, std)
 
-    def batch(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W) grey -> (B, 3, img_size, img_size), normalised."""
+    def batch(self, images: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
+        """uint8 (B, H, W) grey -> (B, 3, img_size, img_size), normalised (deterministic: ``seeds`` unused)."""
         return self._normalise(resize_and_centre_crop(images.unsqueeze(1), self.img_size))

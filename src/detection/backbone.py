@@ -99,13 +99,16 @@ def interpolate_pos_embed(table: torch.Tensor, src_grid: tuple[int, int], dst_gr
     return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(table.dtype)
 
 
-def sample_tokens(valid: torch.Tensor, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_tokens(
+    valid: torch.Tensor, ratio: float, generator: torch.Generator | list[torch.Generator] | None = None
+) -> torch.Tensor:
     """Indices (B, K) of the tokens each image keeps, K = int(L * ratio) (at least 1), sorted ascending.
 
     Per image, uniform noise ranks the tokens and the K lowest are kept; padding tokens (``valid`` False)
     get noise + 1, so every real token outranks every padding token and padding is dropped first. An image
     with fewer than K real tokens keeps some padding: the batch needs one K. Ascending order keeps tokens in
     grid order (ratio 1.0 is exactly ``arange(L)``) and lets the decoder scatter them straight back.
+    ``generator`` may be one per image (CPU): each image's sample then depends on its own seed alone.
     """
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"token sample ratio must be in (0, 1], got {ratio}")
@@ -113,8 +116,11 @@ def sample_tokens(valid: torch.Tensor, ratio: float, generator: torch.Generator 
     keep = max(1, int(length * ratio))
     if keep == length:
         return torch.arange(length, device=valid.device).expand(b, -1)
-    device = generator.device if generator is not None else valid.device
-    noise = torch.rand(b, length, generator=generator, device=device).to(valid.device)
+    if isinstance(generator, list):
+        noise = torch.stack([torch.rand(length, generator=g) for g in generator]).to(valid.device)
+    else:
+        device = generator.device if generator is not None else valid.device
+        noise = torch.rand(b, length, generator=generator, device=device).to(valid.device)
     noise = noise + (~valid).to(noise.dtype)
     ids = torch.argsort(noise, dim=1)[:, :keep]
     return ids.sort(dim=1).values
@@ -178,6 +184,7 @@ class PartialInputEncoder(nn.Module):
             if not 0.0 < ratio <= 1.0:
                 raise ValueError(f"token sample ratios must be in (0, 1], got {ratio}")
         self.train_ratio, self.eval_ratio = train_ratio, eval_ratio
+        self.generators: list[torch.Generator] | None = None  # one per image, set by the detector per batch
         self.encoder = encoder
         self.num_pos_prefix = 0 if getattr(encoder, "no_embed_class", False) else encoder.num_prefix_tokens
         self.pos_grid = tuple(encoder.patch_embed.grid_size)
@@ -200,7 +207,7 @@ class PartialInputEncoder(nn.Module):
         x = tokens.flatten(2).transpose(1, 2)
         pos = interpolate_pos_embed(vit.pos_embed[:, self.num_pos_prefix :], self.pos_grid, (h, w))
         x = x + pos.to(x.dtype)
-        ids_keep = sample_tokens(valid.flatten(1), self.ratio, generator)
+        ids_keep = sample_tokens(valid.flatten(1), self.ratio, self.generators if generator is None else generator)
         if ids_keep.shape[1] < x.shape[1]:
             x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = vit.norm_pre(x)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
 from src.config import ConfigError, Rule, check_rules
+from src.data.datamodule import SkippingDataLoader
+from src.data.distributed import SeededDataset, evaluation_sampler, training_sampler
 from src.data.folder import decode_or_none
 from src.detection.build_sets import ensure_built
 
@@ -200,30 +202,15 @@ class CocoDetection(Dataset):
 
 
 def collate_detection(samples: list[Sample | None]) -> dict[str, Any]:
-    """Lists of images and targets (each at its own size); None marks a corrupt sample, counted in "skipped"."""
+    """Lists of images and targets (each at its own size); None marks a corrupt sample, counted in "skipped".
+
+    If every image is None the batch is just ``{"skipped": n}``, which ``SkippingDataLoader`` drops.
+    """
     kept = [s for s in samples if s is not None]
-    return {
-        "images": [image for image, _ in kept],
-        "targets": [target for _, target in kept],
-        "skipped": torch.tensor(len(samples) - len(kept), dtype=torch.long),
-    }
-
-
-class DetectionLoader(DataLoader):
-    """Never hands the model an empty batch: one whose images were all corrupt is dropped, its count carried on."""
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        carried = delivered = 0
-        for batch in super().__iter__():
-            if not batch["images"]:
-                carried += int(batch["skipped"])
-                log.warning("dropped a batch in which all %d images were corrupt", int(batch["skipped"]))
-                continue
-            batch["skipped"] += carried
-            carried, delivered = 0, delivered + 1
-            yield batch
-        if carried and not delivered:
-            raise RuntimeError(f"every image of this pass over the data was corrupt ({carried} skipped; see warnings)")
+    skipped = torch.tensor(len(samples) - len(kept), dtype=torch.long)
+    if not kept:
+        return {"skipped": skipped}
+    return {"images": [image for image, _ in kept], "targets": [target for _, target in kept], "skipped": skipped}
 
 
 # ---- config checks ------------------------------------------------------------------------------------------------
@@ -322,9 +309,11 @@ class CocoDataModule(L.LightningDataModule):
     ``masks`` (default ``dataset.masks``) says whether batches carry masks.
     """
 
-    def __init__(self, cfg: DictConfig, batch_size: int, num_workers: int, masks: bool | None = None) -> None:
+    def __init__(
+        self, cfg: DictConfig, batch_size: int, num_workers: int, masks: bool | None = None, seed: int = 0
+    ) -> None:
         super().__init__()
-        self.cfg, self.batch_size, self.num_workers = cfg, batch_size, num_workers
+        self.cfg, self.batch_size, self.num_workers, self.seed = cfg, batch_size, num_workers, seed
         self.masks = bool(cfg.get("masks")) if masks is None else masks
         check_dataset_config(cfg)
         ensure_built(cfg)
@@ -347,23 +336,27 @@ class CocoDataModule(L.LightningDataModule):
         self._json = None
 
     def train_dataloader(self) -> DataLoader:
+        """Global batches that hold the same images, drawn under the same seeds, at any world size."""
         self.setup()
-        return self._loader(self._sets["train"], shuffle=True)
+        train = self._sets["train"]
+        sampler = training_sampler(self.trainer, len(train), self.batch_size, self.seed)
+        return self._loader(SeededDataset(train), batch_sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
+        """Each rank evaluates its share of the images; the AP metric gathers the predictions."""
         self.setup()
-        return self._loader(self._sets["val"], shuffle=False)
+        val = self._sets["val"]
+        sampler = evaluation_sampler(self.trainer, len(val))
+        return self._loader(val, batch_size=self.batch_size, sampler=sampler)
 
-    def _loader(self, dataset: CocoDetection, shuffle: bool) -> DataLoader:
-        return DetectionLoader(
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        return SkippingDataLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_detection,
             pin_memory=torch.cuda.is_available(),
+            **kwargs,
         )
 
     @staticmethod

@@ -18,10 +18,12 @@ head, each conv followed by BatchNorm. Anchors are 32..512 px on P2..P6 with rat
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -32,13 +34,20 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
+from src.data.distributed import derived_generator
+
 FEATURE_MAPS = ["0", "1", "2", "3"]  # P2..P5 for the RoI heads; "pool" (P6) feeds the RPN only
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
 ANCHOR_RATIOS = (0.5, 1.0, 2.0)
 
 
 class DetectionTransform(GeneralizedRCNNTransform):
-    """Normalise, resize and pad to a multiple of 32; the resize follows train/eval mode."""
+    """Normalise, resize and pad to a multiple of 32; the resize follows train/eval mode.
+
+    With ``generators`` (one per image) each image draws its training size from its own generator.
+    """
+
+    generators: list[torch.Generator] | None = None
 
     def __init__(
         self, train_sizes: Sequence[int], test_size: int, max_size: int, mean: Sequence[float], std: Sequence[float]
@@ -50,6 +59,40 @@ class DetectionTransform(GeneralizedRCNNTransform):
         super().train(mode)
         self.min_size = self.train_sizes if mode else (self.test_size,)  # torchvision draws from min_size in training
         return self
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):  # noqa: ANN201 - torchvision's
+        self._draws = iter(self.generators) if self.generators is not None else None
+        return super().forward(images, targets)
+
+    def torch_choice(self, k: list[int]) -> int:
+        """torchvision calls this once per image, in order: the image's own generator when there is one."""
+        if getattr(self, "_draws", None) is None:
+            return super().torch_choice(k)
+        return k[int(torch.randint(len(k), (1,), generator=next(self._draws)))]
+
+
+class SeededSampler(BalancedPositiveNegativeSampler):
+    """torchvision's balanced positive/negative sampler; with ``generators`` set, image i draws with generator i."""
+
+    generators: list[torch.Generator] | None = None
+
+    def __call__(self, matched_idxs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if self.generators is None:
+            return super().__call__(matched_idxs)
+        positives, negatives = [], []
+        for matched, generator in zip(matched_idxs, self.generators, strict=True):
+            positive, negative = torch.where(matched >= 1)[0], torch.where(matched == 0)[0]
+            num_pos = min(int(self.batch_size_per_image * self.positive_fraction), positive.numel())
+            num_neg = min(self.batch_size_per_image - num_pos, negative.numel())
+            for chosen, pool, count in ((positives, positive, num_pos), (negatives, negative, num_neg)):
+                picked = pool[torch.randperm(pool.numel(), generator=generator)[:count].to(pool.device)]
+                mask = torch.zeros_like(matched, dtype=torch.uint8)
+                mask[picked] = 1
+                chosen.append(mask)
+        return positives, negatives
+
+
+SIZE_TAG, TOKEN_TAG, RPN_TAG, ROI_TAG = 0x5A, 0x70, 0x52, 0x4F  # a stream per random choice of an image
 
 
 class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
@@ -75,6 +118,24 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
 
 class PartialInputRCNN(GeneralizedRCNN):
     """GeneralizedRCNN whose backbone takes ``(padded batch, real image sizes)``."""
+
+    @contextmanager
+    def drawn_per_image(self, seeds: list[int] | None) -> Iterator[None]:
+        """Every random choice of training (size, token sample, RPN and RoI samples) from each image's seed.
+
+        The choices then depend on the image, not on which rank or batch position it has. (Images of mixed
+        sizes still pad to their batch's largest, so exact agreement across world sizes needs one image size.)
+        """
+        parts = [(self.transform, SIZE_TAG), (self.rpn.fg_bg_sampler, RPN_TAG), (self.roi_heads.fg_bg_sampler, ROI_TAG)]
+        if hasattr(self.backbone, "encoder_input"):
+            parts.append((self.backbone.encoder_input, TOKEN_TAG))
+        for part, tag in parts:
+            part.generators = None if seeds is None else [derived_generator(seed, tag) for seed in seeds]
+        try:
+            yield
+        finally:
+            for part, _ in parts:
+                part.generators = None
 
     def forward(
         self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
@@ -151,5 +212,8 @@ def build_detector(
         detections_per_img=100,
         **mask_parts,
     )
+    rpn.fg_bg_sampler = SeededSampler(rpn.fg_bg_sampler.batch_size_per_image, rpn.fg_bg_sampler.positive_fraction)
+    samples = roi_heads.fg_bg_sampler
+    roi_heads.fg_bg_sampler = SeededSampler(samples.batch_size_per_image, samples.positive_fraction)
     transform = DetectionTransform(train_sizes, test_size, max_size, mean, std)
     return PartialInputRCNN(backbone, rpn, roi_heads, transform)

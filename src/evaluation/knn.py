@@ -48,11 +48,15 @@ def knn_predict(
     return torch.cat(scores)
 
 
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> int:
+    """Rows whose true label is among the k best-scored classes: a count, so that ranks can add theirs up."""
+    k = min(k, scores.shape[1])
+    return int((scores.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1).sum())
+
+
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     """Fraction of rows whose true label is among the k best-scored classes."""
-    k = min(k, scores.shape[1])
-    hit = (scores.topk(k, dim=1).indices == labels.unsqueeze(1)).any(dim=1)
-    return hit.float().mean().item()
+    return topk_hits(scores, labels, k) / len(labels)
 
 
 class RawPixels(nn.Module):

@@ -4,7 +4,7 @@ Methods add their heads and a loss (solo-learn's split). What a method declares,
 (``src/pipeline/fit.py``) calls, in order:
 
 - ``check_config(cfg)``: every value of its config section, before any data or model is built;
-- ``train_transform`` / ``eval_transform`` / ``train_sampler``: what its data module needs;
+- ``train_transform`` / ``eval_transform`` / ``train_repeats`` / ``sample_extras``: what its data module needs;
 - ``from_config(cfg)``: the module, encoder included;
 - ``compute_loss`` (and ``make_picture``), ``callbacks``;
 - ``after_fit``: anything measured once training ends; ``export``: its weights in their released formats.
@@ -27,12 +27,15 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from src.config import ConfigError, check_grid, check_rules
-from src.data.datamodule import ImageDataModule, SamplerFactory, SampleTransform, build_datamodule
+from src.data.datamodule import ImageDataModule, SampleTransform, build_datamodule
+from src.data.distributed import SampleExtras
 from src.data.transforms import EvalTransform, PretrainTransform
 from src.encoders import create_encoder
 from src.encoders.base import EXPORT_DROPPED, HEADS, MaskedEncoder
 from src.encoders.loading import InitReport, save_weights
+from src.methods.global_norm import use_global_batchnorm
 from src.methods.optim import OPTIMIZERS, create_optimizer, scaled_lr, warmup_cosine, weight_decay_groups
+from src.pipeline.elastic import LAYOUT_KEY, data_layout, reopen_cut_epoch, rescale_batch_progress
 
 
 class TrainingMethod(L.LightningModule):
@@ -104,7 +107,9 @@ class TrainingMethod(L.LightningModule):
             eval_transform=cls.eval_transform(cfg),
             batch_size=cfg.batch_size,
             num_workers=cfg.num_workers,
-            train_sampler=cls.train_sampler(cfg),
+            seed=cfg.seed,
+            train_repeats=cls.train_repeats(cfg),
+            sample_extras=cls.sample_extras(cfg),
         )
 
     @classmethod
@@ -119,8 +124,16 @@ class TrainingMethod(L.LightningModule):
         return EvalTransform(cfg.dataset.img_size, *cls.pixel_stats(cfg))
 
     @classmethod
-    def train_sampler(cls, cfg: DictConfig) -> SamplerFactory | None:
-        """How the datamodule samples training images (e.g. DeiT's repeated augmentation); None = shuffle."""
+    def train_repeats(cls, cfg: DictConfig) -> int:
+        """Copies of each drawn training image per epoch (DeiT's repeated augmentation); 1 = plain shuffling."""
+        return 1
+
+    @classmethod
+    def sample_extras(cls, cfg: DictConfig) -> SampleExtras | None:
+        """Per-sample tensors the model draws its randomness from, made from each sample's seed (MAE's mask noise).
+
+        Drawn in the data workers, they make a run's masks independent of how many processes share its batch.
+        """
         return None
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -153,19 +166,36 @@ class TrainingMethod(L.LightningModule):
 
     # ---- training ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Freeze an unused mask token before the strategy wraps the model (DDP rejects gradient-less parameters)."""
+        """Before the strategy wraps the model: freeze an unused mask token (DDP rejects gradient-less
+        parameters), and with several processes let every BatchNorm see the global batch."""
         if isinstance(self.encoder, MaskedEncoder):
             self.encoder.mask_token.requires_grad_(self.trains_mask_token)
+        if self.trainer.world_size > 1:
+            use_global_batchnorm(self)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, extras = self.compute_loss(batch)  # a non-finite loss is skipped by the pipeline's NonFiniteGuard
         self.skipped_total += batch.get("skipped", torch.zeros((), dtype=torch.long, device=self.device)).sum()
-        self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size)
+        # the mean over the ranks: the logged loss is the global batch's, whatever the world size
+        self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size, sync_dist=True)
         for key, value in extras.items():
-            self.log(f"train/{key}", value, batch_size=self.batch_size)
+            self.log(f"train/{key}", value, batch_size=self.batch_size, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=self.batch_size)
         self.log("data/skipped", self.skipped_total.float(), batch_size=self.batch_size)
         return loss
+
+    def global_mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
+        """``total / count`` over every rank's micro-batch, scaled so that DDP's gradient average keeps it exact.
+
+        For losses whose terms per rank vary in number (BEiT's masked tokens): a per-rank mean would weight
+        each rank's tokens by its own count, and the result would change with the world size.
+        """
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world == 1:
+            return total / count
+        counts = torch.tensor(float(count), device=total.device)
+        torch.distributed.all_reduce(counts)
+        return total * world / counts
 
     def batch_len(self, batch: Any) -> int:
         """Images in a batch (a detection batch holds a list of images of different sizes)."""
@@ -225,14 +255,21 @@ class TrainingMethod(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave frozen parts (a tokenizer, a teacher) out: they have their own files and may be large."""
+        """Record the data layout (elastic resume); leave frozen parts (a tokenizer, a teacher) out: they have
+        their own files and may be large."""
+        t = self.trainer
+        checkpoint[LAYOUT_KEY] = data_layout(self.batch_size, t.world_size, t.accumulate_grad_batches)
         prefixes = tuple(f"{name}." for name in self.frozen_parts)
         if prefixes:
             state = checkpoint["state_dict"]
             checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(prefixes)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume with the configured frozen parts' weights, so that loading stays strict."""
+        """Resume with the configured frozen parts' weights, so that loading stays strict; an epoch cut by
+        ``max_steps`` goes on, and Lightning's micro-batch counters follow an elastic resume's accumulation."""
+        reopen_cut_epoch(checkpoint)
+        if self._trainer is not None:
+            rescale_batch_progress(checkpoint, self.trainer.accumulate_grad_batches)
         for name in self.frozen_parts:
             part = getattr(self, name)
             if part is not None:

@@ -215,7 +215,8 @@ class BEiT(TrainingMethod):
             raise ValueError(f"tokenizer grid {tuple(targets.shape[1:])} != mask grid {tuple(mask.shape[1:])}")
         logits = self.masked_logits(batch["image"], mask).float()
         labels = targets[mask]
-        loss = F.cross_entropy(logits, labels)  # mean over every masked token of the batch
+        # mean over every masked token of the global batch: ranks may hold different numbers of masked tokens
+        loss = self.global_mean(F.cross_entropy(logits, labels, reduction="sum"), labels.numel())
         return loss, {"mim_accuracy": (logits.argmax(-1) == labels).float().mean()}
 
     # ---- pictures ------------------------------------------------------------------------------

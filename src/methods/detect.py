@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from src.config import ConfigError, check_rules
 from src.detection.backbone import backbone_kind, build_backbone, decoder_state_from_mae
@@ -36,6 +37,7 @@ from src.methods.base import TrainingMethod
 from src.methods.classify import resolve_encoder_from_init, start_encoder
 from src.methods.optim import exempt_from_weight_decay, warmup_step_decay
 
+ROI_LOSSES = ("loss_classifier", "loss_box_reg")  # torchvision's means over the sampled RoIs
 DECODER_KEYS = ("decoder_embed", "decoder_pos_embed", "decoder_blocks", "decoder_norm")
 
 
@@ -101,6 +103,16 @@ class Detection(TrainingMethod):
         self.detection_samples: list[tuple[torch.Tensor, dict, dict]] = []  # drawn by DetectionPictures
         self.last_per_class: list[dict] = []
         self.validated_at_step = -1
+        self.loss_terms: dict[str, int] = {}  # RoIs behind each RoI-head loss in the last forward
+        heads = detector.roi_heads
+        counted = ((heads.box_predictor, ROI_LOSSES), (getattr(heads, "mask_predictor", None), ("loss_mask",)))
+        for predictor, keys in counted:
+            if predictor is not None:
+                predictor.register_forward_hook(partial(self._count_rows, keys))
+
+    def _count_rows(self, keys: tuple[str, ...], module: nn.Module, inputs: Any, output: Any) -> None:
+        rows = (output[0] if isinstance(output, tuple) else output).shape[0]
+        self.loss_terms |= dict.fromkeys(keys, rows)
 
     @property
     def encoder(self) -> MaskedEncoder:
@@ -178,7 +190,7 @@ class Detection(TrainingMethod):
 
     @classmethod
     def build_data(cls, cfg: DictConfig) -> CocoDataModule:
-        return CocoDataModule(cfg.dataset, cfg.batch_size, cfg.num_workers)
+        return CocoDataModule(cfg.dataset, cfg.batch_size, cfg.num_workers, seed=cfg.seed)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Detection:
@@ -231,8 +243,16 @@ class Detection(TrainingMethod):
         return len(batch["images"])
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Sum of torchvision's RPN and RoI-head losses; each is logged."""
-        losses = self.detector(batch["images"], batch["targets"])
+        """Sum of torchvision's RPN and RoI-head losses; each is logged. Random choices follow each image's seed."""
+        targets = batch["targets"]
+        seeds = [int(t["sample_seed"]) for t in targets] if all("sample_seed" in t for t in targets) else None
+        with self.detector.drawn_per_image(seeds):
+            losses = self.detector(batch["images"], targets)
+        # torchvision averages the RoI-head losses over this rank's RoIs, whose number varies (positives for the
+        # mask loss): average over the global batch's instead, so the gradient does not change with the world size
+        for key, rows in self.loss_terms.items():
+            if key in losses:
+                losses[key] = self.global_mean(losses[key] * rows, rows)
         return sum(losses.values()), losses
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:

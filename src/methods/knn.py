@@ -4,23 +4,57 @@ The two loaders are the labelled split's bank (training images) and queries (tes
 eval transform. Features are the encoder's ``forward_pooled`` output, L2-normalised; the scores are
 ``src/evaluation/knn.py``'s weighted vote. With ``task.pixels`` the normalised pixels themselves are scored
 beside the encoder, the baseline every kNN result sits beside (docs/protocols.md).
+
+Over W processes rank r extracts the positions r, r + W, ... of both sets. The bank is all-gathered back into
+dataset order, so every rank holds the one-process bank; each rank scores its own queries against it and the
+hit counts are summed, so the metrics are the one-process metrics.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader, IterableDataset
 
 from src.config import ConfigError, check_rules
 from src.data.datamodule import ImageDataModule
-from src.evaluation.knn import knn_predict, topk_accuracy
+from src.evaluation.gather import gather_strided
+from src.evaluation.knn import knn_predict, topk_hits
 from src.methods.base import TrainingMethod, encoder_from_config
 from src.methods.classify import resolve_encoder_from_init, start_encoder
 
 BANK, QUERIES = 0, 1  # validation dataloader indices
+
+
+class RankSplitLoaders(L.LightningDataModule):
+    """[bank, queries], each rank's share, made inside ``trainer.validate`` once the trainer knows the ranks.
+
+    The pipeline asks for the loaders before the trainer runs, and the rank split reads the trainer's world size
+    and rank: Lightning attaches the trainer to a data module before it calls ``val_dataloader``.
+    """
+
+    def __init__(self, data: ImageDataModule) -> None:
+        super().__init__()
+        self.data = data
+
+    def val_dataloader(self) -> list[DataLoader]:
+        world = self.trainer.world_size
+        self.data.trainer = self.trainer
+        if world > 1:  # refused alike on every rank, before any of them waits for the others
+            for key, loader in zip(("knn_bank", "knn_queries"), self.data.knn_dataloaders(), strict=True):
+                if isinstance(loader.dataset, IterableDataset):
+                    raise ConfigError(
+                        f"task=knn over {world} processes needs map-style data: every rank reads all the shards "
+                        "(dataset.kind=shards), so run it with trainer.devices=1"
+                    )
+                if len(loader.dataset) < world:
+                    raise ConfigError(
+                        f"dataset.{key}={len(loader.dataset)} gives some of the {world} processes nothing to "
+                        f"evaluate: use at least {world} images or fewer devices"
+                    )
+        return list(self.data.knn_dataloaders(rank_split=True))
 
 
 class KNNEvaluation(TrainingMethod):
@@ -63,16 +97,13 @@ class KNNEvaluation(TrainingMethod):
         module.init_report = report
         return module
 
-    def evaluation_loaders(self, datamodule: ImageDataModule) -> list:
-        """[bank, queries] of the labelled split; a config error when the dataset has none."""
-        loaders = datamodule.knn_dataloaders()
-        if loaders is None:
+    def evaluation_loaders(self, datamodule: ImageDataModule) -> RankSplitLoaders:
+        """[bank, queries] of the labelled split, split over the ranks; a config error when there is none."""
+        if datamodule.knn_dataloaders() is None:
             raise ConfigError(f"task=knn needs a labelled split (dataset={datamodule.cfg.name}: set its val split)")
-        return list(loaders)
+        return RankSplitLoaders(datamodule)
 
     def on_validation_epoch_start(self) -> None:
-        if self.trainer.world_size > 1:
-            raise RuntimeError("task=knn runs in one process: set trainer.devices=1")
         self.features = {"encoder": [[], []], "pixels": [[], []]}
         self.labels: list[list[torch.Tensor]] = [[], []]
 
@@ -86,15 +117,24 @@ class KNNEvaluation(TrainingMethod):
         self.labels[dataloader_idx].append(batch["label"])
 
     def on_validation_epoch_end(self) -> None:
-        bank_labels, query_labels = (torch.cat(labels).cpu() for labels in self.labels)
-        metrics: dict[str, Any] = {"knn/bank_size": len(bank_labels), "knn/query_size": len(query_labels)}
-        for name, prefix in (("encoder", "knn/"), ("pixels", "knn/pixels_")):
-            bank, queries = (torch.cat(feats).cpu() if feats else None for feats in self.features[name])
-            if bank is None:
-                continue
+        """Gathers the bank, scores this rank's queries, and logs the hit counts summed over the ranks."""
+        world = self.trainer.world_size
+        bank_labels = gather_strided(torch.cat(self.labels[BANK]), world).cpu()
+        query_labels = torch.cat(self.labels[QUERIES]).cpu()
+        prefixes = {"encoder": "knn/", "pixels": "knn/pixels_"}
+        scored = [name for name in prefixes if self.features[name][BANK]]
+        counts = [len(query_labels)]
+        for name in scored:
+            bank = gather_strided(torch.cat(self.features[name][BANK]), world).cpu()
+            queries = torch.cat(self.features[name][QUERIES]).cpu()
             scores = knn_predict(bank, bank_labels, queries, self.num_classes, self.k, self.temperature)
-            metrics[f"{prefix}top1"] = topk_accuracy(scores, query_labels, 1)
-            metrics[f"{prefix}top5"] = topk_accuracy(scores, query_labels, 5)
-        for key, value in metrics.items():
-            self.log(key, float(value))
+            counts += [topk_hits(scores, query_labels, 1), topk_hits(scores, query_labels, 5)]
+        total = torch.tensor(counts, device=self.device)
+        num_queries, *hits = self.trainer.strategy.reduce(total, reduce_op="sum").tolist()
+        metrics = {"knn/bank_size": len(bank_labels), "knn/query_size": num_queries}
+        for i, name in enumerate(scored):
+            metrics[f"{prefixes[name]}top1"] = hits[2 * i] / num_queries
+            metrics[f"{prefixes[name]}top5"] = hits[2 * i + 1] / num_queries
+        for key, value in metrics.items():  # equal on every rank: the max over them is the value, exactly
+            self.log(key, float(value), sync_dist=True, reduce_fx="max")
         self.features = {}

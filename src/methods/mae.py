@@ -13,6 +13,7 @@ still taken on removed patches only.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,12 +22,13 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from src.config import ConfigError, check_rules
+from src.data.distributed import SampleExtras
 from src.encoders import create_encoder
 from src.encoders.base import MaskedEncoder
 from src.encoders.pos_embed import sincos_2d
 from src.methods.base import TrainingMethod
 from src.methods.grid import check_target_grid, target_layout, tokens_to_target_grid
-from src.methods.masking import num_kept, random_masking
+from src.methods.masking import mask_noise, num_kept, random_masking
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -126,6 +128,11 @@ class MAE(TrainingMethod):
             )
 
     @classmethod
+    def sample_extras(cls, cfg: DictConfig) -> SampleExtras:
+        """Each sample's mask noise, from its own seed: the masks do not depend on the world size."""
+        return partial(mask_noise, num_patches=check_target_grid(cfg).num_targets)
+
+    @classmethod
     def from_config(cls, cfg: DictConfig) -> MAE:
         o, img = cfg.objective, cfg.dataset.img_size
         return cls(
@@ -191,7 +198,7 @@ class MAE(TrainingMethod):
         self, batch: dict[str, torch.Tensor], noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images = batch["image"]
-        pred, mask = self.encode_and_decode(images, noise)
+        pred, mask = self.encode_and_decode(images, batch.get("mask_noise") if noise is None else noise)
         return masked_mse(pred.float(), self.target(images).float(), mask), {}
 
     # ---- pictures ------------------------------------------------------------------------------

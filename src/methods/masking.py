@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
+from src.data.distributed import current_sample_seed, derived_generator, mix_seed
+
 
 @dataclass
 class RandomMask:
@@ -23,6 +25,15 @@ class RandomMask:
 def num_kept(num_patches: int, mask_ratio: float) -> int:
     """MAE keeps int(L * (1 - r)) patches (49 of 196 at r = 0.75)."""
     return int(num_patches * (1 - mask_ratio))
+
+
+MASK_NOISE_TAG = 0x4D41  # the masks' own streams in a sample's seed, apart from its augmentation draws
+BLOCK_MASK_TAG = 0x424D
+
+
+def mask_noise(seed: int, num_patches: int) -> dict[str, torch.Tensor]:
+    """A sample's MAE noise (L,) from its seed (``SampleExtras``): the batch's ``mask_noise`` for ``random_masking``."""
+    return {"mask_noise": torch.rand(num_patches, generator=derived_generator(seed, MASK_NOISE_TAG))}
 
 
 def random_masking(
@@ -144,9 +155,11 @@ class BlockwiseMaskGenerator:
 
 
 class WorkerGenerator:
-    """A numpy Generator per DataLoader worker (and per rank), deterministic under a seed.
+    """A numpy Generator per sample, or per DataLoader worker (and per rank), deterministic under a seed.
 
-    In a worker it is seeded from torch's per-worker seed: the DataLoader's base seed + worker id
+    A sample drawn by ``SeededDataset`` gets a generator from its own seed (the training sampler's samples:
+    the mask then depends on the sample alone, not on the world size). Otherwise (streamed shards), in a
+    worker it is seeded from torch's per-worker seed: the DataLoader's base seed + worker id
     (the base seed comes from the main process's torch RNG, so ``seed_everything`` fixes it), which
     Lightning's ``seed_everything(workers=True)`` also mixes with the rank. In the main process
     (``num_workers=0``) it is seeded from torch's RNG and the rank on first use. The owner is
@@ -159,6 +172,9 @@ class WorkerGenerator:
         self._rng: np.random.Generator | None = None
 
     def get(self) -> np.random.Generator:
+        seed = current_sample_seed()
+        if seed is not None:  # drawn by a SeededDataset: the sample's own stream, whatever the world size
+            return np.random.default_rng(mix_seed(seed, BLOCK_MASK_TAG))
         info = get_worker_info()
         owner = (os.getpid(), info.seed if info is not None else None)
         if self._rng is None or owner != self._owner:

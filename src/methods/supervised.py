@@ -19,8 +19,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.config import ConfigError
-from src.data.classification import ClassificationTrainTransform, RepeatedAugmentation
-from src.data.datamodule import SamplerFactory
+from src.data.classification import ClassificationTrainTransform
 from src.data.folder import find_class_folders
 from src.encoders.base import MaskedEncoder
 from src.encoders.loading import save_weights
@@ -107,9 +106,8 @@ class SupervisedClassifier(TrainingMethod):
         )
 
     @classmethod
-    def train_sampler(cls, cfg: DictConfig) -> SamplerFactory | None:
-        repeats = cfg[cls.config_section].augment.repeated_aug
-        return None if repeats == 1 else RepeatedAugmentation(repeats)
+    def train_repeats(cls, cfg: DictConfig) -> int:
+        return int(cfg[cls.config_section].augment.repeated_aug)
 
     def mix(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, targets): mixup/cutmix-ed images with soft targets when enabled, else hard labels."""

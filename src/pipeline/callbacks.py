@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from src.config import RunStopped
@@ -17,6 +19,28 @@ from src.evaluation.confusion import confusion_picture
 from src.evaluation.knn import RawPixels, knn_accuracy
 from src.methods.optim import skips_on_found_inf
 from src.pipeline.report import side_by_side
+
+
+class SameConfigOnEveryRank(L.Callback):
+    """Stops a run whose processes composed different configs (an environment variable read by one node only).
+
+    Every process of a run composes its config from the same command; rank zero records it. Once the processes
+    can talk, each compares the digest of its resolved config with rank zero's.
+    """
+
+    def __init__(self, cfg: DictConfig) -> None:
+        resolved = OmegaConf.to_yaml(cfg, resolve=True).encode()
+        self.digest = hashlib.sha256(resolved).hexdigest()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size == 1:
+            return
+        reference = trainer.strategy.broadcast(self.digest, src=0)
+        if reference != self.digest:
+            raise RunStopped(
+                f"rank {trainer.global_rank} composed another config than rank 0 (sha256 {self.digest[:12]} vs "
+                f"{reference[:12]}): every node must run the same command in the same environment"
+            )
 
 
 class NonFiniteGuard(L.Callback):

@@ -19,14 +19,17 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import validate
+from src.export import export_run
 from src.methods import method_class
 from src.methods.base import TrainingMethod
-from src.pipeline.callbacks import KNNMonitor, NonFiniteGuard, PictureLogger
+from src.pipeline.callbacks import KNNMonitor, NonFiniteGuard, PictureLogger, SameConfigOnEveryRank
 from src.pipeline.checkpoint import AtomicCheckpointIO
+from src.pipeline.elastic import keep_global_batch
 from src.pipeline.loggers import build_loggers, check_logger, wandb_run_dir
 from src.pipeline.output import single_log_stream
 from src.pipeline.report import loss_curve
 from src.pipeline.run_folder import check_same_run, record_run, resume_checkpoint, run_lock
+from src.pipeline.strategy import build_strategy, cluster_plugins, maybe_compile
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +55,27 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
     return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], loggers: list) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], loggers: list, module: TrainingMethod
+) -> L.Trainer:
+    """The Trainer of ``cfg.trainer``, laid out for the module (FSDP units, compiled blocks) and the cluster.
+
+    The data module splits the data over the ranks itself (one global batch whatever the world size), so
+    Lightning must not put a DistributedSampler in front of it. ``trainer.compile`` and ``trainer.fsdp`` are
+    read here, not passed to the Trainer.
+    """
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs.pop("fsdp", None)
+    maybe_compile(module, bool(trainer_kwargs.pop("compile", False)))
     trainer_kwargs["precision"] = resolve_precision(cfg.trainer)
+    trainer_kwargs["strategy"] = build_strategy(cfg, module)
     return L.Trainer(
         **trainer_kwargs,
-        default_root_dir=str(run_dir),
+        default_root_dir=str(run_dir),  # where Lightning writes hpc_ckpt_<N>.ckpt on a SLURM requeue signal
         logger=loggers,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *cluster_plugins()],
+        use_distributed_sampler=False,
     )
 
 
@@ -103,7 +118,8 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
     if cfg.get("encoder") is not None:  # fine-tuning rebuilds the encoder a checkpoint records
         module.hparams["encoder_config"] = OmegaConf.to_container(cfg.encoder, resolve=True)
 
-    callbacks: list[L.Callback] = [*module.callbacks(run_dir)]
+    callbacks: list[L.Callback] = [SameConfigOnEveryRank(cfg), *module.callbacks(run_dir)]
+    sharded = cfg.trainer.strategy == "fsdp"  # parameters live in shards: nothing may run the model on rank zero alone
     pictures = None
     if method.fits:
         callbacks.append(
@@ -118,19 +134,30 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
         guard = NonFiniteGuard(cfg.max_nonfinite_steps)
         callbacks.append(guard)
         mean, std = method.pixel_stats(cfg)
-        pictures = PictureLogger(run_dir / "pictures", cfg.pictures.every_n_steps, cfg.pictures.num_images, mean, std)
-        callbacks.append(pictures)
+        if not sharded:
+            pictures = PictureLogger(
+                run_dir / "pictures", cfg.pictures.every_n_steps, cfg.pictures.num_images, mean, std
+            )
+            callbacks.append(pictures)
     knn = None
-    if cfg.get("knn") is not None:  # off for models outside the encoder contract (a supervised convnet teacher)
+    if sharded and (cfg.get("knn") is not None or method.fits):
+        log.warning(
+            "trainer=fsdp: the kNN monitor and the pictures are off (rank zero alone cannot run a sharded model); "
+            "the exports are written from the final checkpoint; evaluate it with `python -m src.finetune task=knn`"
+        )
+    elif cfg.get("knn") is not None:  # off for models outside the encoder contract (a supervised convnet teacher)
         knn = KNNMonitor(cfg.knn.every_n_epochs, cfg.knn.k, cfg.knn.temperature)
         callbacks.append(knn)
     loggers = build_loggers(cfg, run_dir)
-    trainer = build_trainer(cfg, run_dir, callbacks, loggers)
+    trainer = build_trainer(cfg, run_dir, callbacks, loggers, module)
 
     checkpoint = None
     if method.fits:
         if ckpt_path is not None:
             log.info("resuming from %s", ckpt_path)
+            changed = keep_global_batch(trainer, ckpt_path, cfg.batch_size)
+            if changed and trainer.is_global_zero:
+                log.warning(changed)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         if module.needs_final_validation():  # every rank: a validation between epochs missed the last weights
             trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -150,17 +177,18 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
         global_step=trainer.global_step,
     )
     if trainer.is_global_zero:
-        extra = module.after_fit(trainer, datamodule, run_dir)
+        extra = {} if sharded else module.after_fit(trainer, datamodule, run_dir)
         if extra:
             for logger in trainer.loggers:
                 logger.log_metrics(extra, step=trainer.global_step)
                 logger.save()
             result.metrics |= extra
-        if cfg.get("export", True):
-            result.exports = module.export(run_dir / "export")
+        if cfg.get("export", True):  # a sharded model is exported from its consolidated checkpoint
+            out = run_dir / "export"
+            result.exports = export_run(run_dir, checkpoint, out) if sharded else module.export(out)
         if method.fits:
             result.loss_curve = loss_curve(run_dir / "csv" / "metrics.csv", run_dir / "pictures" / "loss.png")
-            result.first_and_last = pictures.first_and_last
+            result.first_and_last = pictures.first_and_last if pictures is not None else None
         (run_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
     return result
 

@@ -2,11 +2,13 @@
 
 - Identity: the folder records the resolved config it was started with (``config.yaml``) and the identity
   of its init checkpoint (``run_identity.json``: path, size, sha256). A later command in the same folder
-  continues only the same run; any other difference stops before work and names the keys.
+  continues only the same run; any other difference stops before work and names the keys, except how the
+  run is laid out on machines (devices, nodes, strategy, accumulation): a run may resume at another world size.
 - Lock: one process per folder (``.lock`` names host, pid and start time). A lock whose pid is dead on this
   host is stale and taken over; ``takeover=true`` (or a SLURM requeue) takes over a lock from another host.
-- Checkpoints: the last two are kept (``last.ckpt``, ``last-previous.ckpt``); when the newest cannot be read
-  the older one resumes, with a warning. Temporary files of a killed save are removed only when their
+- Checkpoints: the last two are kept (``last.ckpt``, ``last-previous.ckpt``), and on SLURM's requeue signal
+  Lightning saves ``hpc_ckpt_<N>.ckpt`` beside them in the run folder. The one at the latest step resumes; an
+  unreadable one is passed over with a warning. Temporary files of a killed save are removed only when their
   writer is dead.
 """
 
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import socket
 import time
 import zipfile
@@ -36,12 +39,18 @@ CONFIG_FILE = "config.yaml"  # the run's resolved config, as the method settled 
 IDENTITY_FILE = "run_identity.json"
 LOCK_FILE = ".lock"
 LAST, PREVIOUS = "last.ckpt", "last-previous.ckpt"
+# Lightning's checkpoint on SLURM's requeue signal: trainer.default_root_dir (the run folder)/hpc_ckpt_<N>.ckpt,
+# N one more than the highest already there (_CheckpointConnector.hpc_save_path).
+HPC_NAME = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
 PARTIAL_SUFFIX = ".tmp"
 
 # Keys that change no result: they may differ between the commands of one run.
 HARMLESS = ("resume", "takeover", "resume_changes", "num_workers", "checkpoint_every_n_steps", "export", "pictures.")
-HARMLESS += ("logger.", "trainer.log_every_n_steps", "trainer.devices", "trainer.num_nodes", "knn.every_n_epochs")
-HARMLESS += ("max_nonfinite_steps",)
+HARMLESS += ("logger.", "trainer.log_every_n_steps", "knn.every_n_epochs", "max_nonfinite_steps")
+# How the run is laid out on machines: a resume may change them (another world size keeps the global batch by
+# its accumulation, src/pipeline/elastic.py); each change is said on an info line.
+LAYOUT = ("trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accumulate_grad_batches")
+LAYOUT += ("trainer.accelerator", "trainer.sync_batchnorm", "trainer.compile", "trainer.fsdp.", "launcher.")
 # Keys that may change on resume when the command says so (resume_changes=[...]): how long the run goes on.
 RESUMABLE = ("epochs", "trainer.max_epochs", "trainer.max_steps")
 IMPLIED = {"epochs": ("trainer.max_epochs",)}  # trainer.max_epochs follows epochs in every config
@@ -92,7 +101,8 @@ def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
         raise ConfigError(f"resume_changes={list(asked)}: only {list(RESUMABLE)} may change on resume")
     allowed = asked + tuple(implied for key in asked for implied in IMPLIED.get(key, ()))
     changes = config_changes(OmegaConf.load(config_file), cfg)
-    refused = {k: v for k, v in changes.items() if not k.startswith(HARMLESS) and k not in allowed}
+    layout = {k: v for k, v in changes.items() if k.startswith(LAYOUT)}
+    refused = {k: v for k, v in changes.items() if not k.startswith(HARMLESS + LAYOUT) and k not in allowed}
     identity_file = run_dir / IDENTITY_FILE
     if identity_file.is_file():
         before, after = json.loads(identity_file.read_text())["init"], run_identity(cfg)["init"]
@@ -100,6 +110,8 @@ def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
             digests = tuple(identity and identity["sha256"][:12] for identity in (before, after))
             refused["init.checkpoint (file content, sha256)"] = digests
     if not refused:
+        if layout:
+            log.info("resume laid out anew: %s", "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in layout.items()))
         for key in allowed:
             if key in changes:
                 log.warning("resume: %s changes from %r to %r (resume_changes)", key, *changes[key])
@@ -187,40 +199,51 @@ def remove_dead_partial_writes(folder: Path) -> list[Path]:
     return removed
 
 
-def readable(path: Path) -> str | None:
-    """None if ``path`` loads weights-only; else why not."""
-    try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except READ_ERRORS as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return f"{type(e).__name__}: {reason[:300]}"
-    return None
+def checkpoint_step(path: Path) -> int:
+    """The global step a checkpoint was saved at (memory-mapped, weights-only: nothing else is loaded)."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
 
 
 def resume_checkpoint(run_dir: Path, resume: str | bool) -> Path | None:
-    """auto: continue from the newest readable checkpoint; true: insist on one; false: refuse to reuse the folder."""
+    """auto: continue from the readable checkpoint at the latest step; true: insist on one; false: refuse the folder.
+
+    The candidates are ``checkpoints/last.ckpt``, the one before it and Lightning's SLURM ``hpc_ckpt_<N>.ckpt``.
+    They are ordered by the step stored inside, not by file times: a copied or restored run folder, or the clocks
+    of several nodes on one shared file system, reorder times, and the step is what a resume continues from. At
+    the same step ``last.ckpt`` wins (it is written at a fixed point of the loop, a signal's save anywhere).
+    """
     folder = run_dir / "checkpoints"
-    for stale in remove_dead_partial_writes(folder):
+    for stale in [*remove_dead_partial_writes(folder), *remove_dead_partial_writes(run_dir)]:
         log.warning("removed %s, left half-written by a killed save", stale)
-    candidates = [folder / LAST, folder / PREVIOUS]
-    present = [p for p in candidates if p.is_file()]
+    hpc = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if HPC_NAME.fullmatch(p.name)]
+    hpc.sort(key=lambda p: int(HPC_NAME.fullmatch(p.name)[1]), reverse=True)
+    present = [p for p in (folder / LAST, folder / PREVIOUS, *hpc) if p.is_file()]
     if resume is False and present:
         raise ConfigError(
             f"run_dir={run_dir} already holds {present[0]}: pass resume=auto to continue or a new run_name"
         )
     if resume is True and not present:
-        raise ConfigError(f"resume=true but there is no checkpoint at {candidates[0]}")
+        raise ConfigError(f"resume=true but there is no checkpoint at {folder / LAST} nor {run_dir}/hpc_ckpt_<N>.ckpt")
+    steps: dict[Path, int] = {}
     problems = []
     for path in present:
-        problem = readable(path)
-        if problem is None:
-            if problems:
-                log.warning("%s; resuming from the older %s", "; ".join(problems), path)
-            return path
-        problems.append(f"{path} cannot be read ({problem})")
+        try:
+            steps[path] = checkpoint_step(path)
+        except (*READ_ERRORS, KeyError, TypeError) as e:  # TypeError, KeyError: not a training checkpoint
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            problems.append(f"{path} cannot be read ({type(e).__name__}: {reason[:300]})")
+    if not steps:
+        if problems:
+            raise ConfigError(
+                "; ".join(problems) + f". No readable checkpoint is left: start again with resume=false in a new "
+                f"run_name, or delete {folder} to restart this run from scratch"
+            )
+        return None
+    newest = max(steps, key=steps.__getitem__)  # the first of equal steps: last.ckpt before the others
     if problems:
-        raise ConfigError(
-            "; ".join(problems) + f". No readable checkpoint is left: start again with resume=false in a new "
-            f"run_name, or delete {folder} to restart this run from scratch"
-        )
-    return None
+        older = "the older " if folder / LAST not in steps else ""
+        log.warning("%s; resuming from %s%s (step %d)", "; ".join(problems), older, newest, steps[newest])
+    elif len(steps) > 1:
+        others = ", ".join(f"{p.name} at step {s}" for p, s in steps.items() if p != newest)
+        log.info("resume: %s at step %d is the newest (beside %s)", newest, steps[newest], others)
+    return newest
