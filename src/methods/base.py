@@ -54,7 +54,7 @@ class TrainingMethod(L.LightningModule):
         self.optim = dict(optim)
         self.batch_size = batch_size
         self.warmup_epochs = warmup_epochs
-        self._step_started: float | None = None
+        self._window: tuple[float, int, int] | None = None  # throughput window: (start, batches, images)
         self.register_buffer("skipped_total", torch.zeros((), dtype=torch.long), persistent=True)
 
     # ---- what methods implement ----------------------------------------------------------------
@@ -193,7 +193,7 @@ class TrainingMethod(L.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         if world == 1:
             return total / count
-        counts = torch.tensor(float(count), device=total.device)
+        counts = total.new_full((), float(count))  # filled on the device: no host-to-device copy to wait for
         torch.distributed.all_reduce(counts)
         return total * world / counts
 
@@ -202,14 +202,30 @@ class TrainingMethod(L.LightningModule):
         return batch["image"].shape[0]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
+        if self._window is None:
+            self._window = (time.perf_counter(), 0, 0)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._step_started is None:
+        """Images per second over the last ``log_every_n_steps`` batches, data loading included.
+
+        The clock is read once per window, after waiting for the device there (the logging cadence, where
+        Lightning reads the logged values anyway): timing each step would block the device every step.
+        """
+        if self._window is None:
             return
-        seconds = time.perf_counter() - self._step_started
-        images = self.batch_len(batch) * self.trainer.world_size
-        self.log("train/images_per_sec", images / max(seconds, 1e-9), prog_bar=True, batch_size=self.batch_size)
+        start, batches, images = self._window
+        batches, images = batches + 1, images + self.batch_len(batch) * self.trainer.world_size
+        if batches < self.trainer.log_every_n_steps:
+            self._window = (start, batches, images)
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.log("train/images_per_sec", images / max(now - start, 1e-9), prog_bar=True, batch_size=self.batch_size)
+        self._window = (now, 0, 0)
+
+    def on_train_epoch_end(self) -> None:
+        self._window = None  # the next window starts with the next epoch's first batch (no validation in it)
 
     # ---- optimisation --------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
