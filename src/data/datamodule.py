@@ -25,7 +25,7 @@ from src.data.builtin import TensorImageDataset, fashion_mnist_source, load_fash
 from src.data.distributed import SampleExtras, SeededDataset, evaluation_sampler, training_sampler
 from src.data.folder import ImageFolderDataset, find_class_folders, scan_image_folder
 from src.data.shards import ShardDataset, expand_shards
-from src.data.transforms import SampleTransform
+from src.data.transforms import DEVICE_TRANSFORMS, SampleTransform, StoredImages
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_repeats = train_repeats
         self.sample_extras = sample_extras
+        # the training loader hands uint8 images, whose views are made on the model's device (transfer_batch_to_device)
+        self.device_transforms = bool(cfg.get("device_transforms", False))
         self._train: Dataset | None = None
         self._bank: Dataset | None = None
         self._queries: Dataset | None = None
@@ -147,6 +149,19 @@ class ImageDataModule(L.LightningDataModule):
             _positive_or_none(cfg, key)
         train_limit = _positive_or_none(cfg, "train_limit", minimum=self.batch_size)
 
+        if self.device_transforms:
+            if cfg.kind != "fashion_mnist" or not cfg.get("tensor_transforms", False):
+                raise ConfigError(
+                    "dataset.device_transforms=true needs the in-memory built-in set with batched views "
+                    f"(dataset.kind=fashion_mnist, dataset.tensor_transforms=true), got kind={cfg.kind}, "
+                    f"tensor_transforms={cfg.get('tensor_transforms', False)}"
+                )
+            if not isinstance(self.train_transform, DEVICE_TRANSFORMS):
+                name = type(self.train_transform).__name__
+                raise ConfigError(
+                    f"dataset.device_transforms=true: this run's training transform ({name}) has no device form "
+                    "(MAE's views have); set dataset.device_transforms=false"
+                )
         if cfg.get("tensor_transforms", False):
             if cfg.kind != "fashion_mnist":
                 raise ConfigError(f"dataset.tensor_transforms=true needs in-memory images (fashion_mnist): {cfg.kind}")
@@ -190,7 +205,8 @@ class ImageDataModule(L.LightningDataModule):
             train_images, train_labels = load_fashion_mnist(cfg.root, "train")
             test_images, test_labels = load_fashion_mnist(cfg.root, "test")
             dataset = partial(TensorImageDataset, batched=bool(cfg.get("tensor_transforms", False)))
-            self._train = dataset(train_images, train_labels, self.train_transform, cfg.get("train_limit"))
+            train_view = StoredImages() if self.device_transforms else self.train_transform
+            self._train = dataset(train_images, train_labels, train_view, cfg.get("train_limit"))
             self._bank = dataset(train_images, train_labels, self.eval_transform, cfg.get("knn_bank"))
             self._queries = dataset(test_images, test_labels, self.eval_transform, cfg.get("knn_queries"))
         elif cfg.kind == "image_folder":
@@ -254,7 +270,26 @@ class ImageDataModule(L.LightningDataModule):
             rank_zero_info(f"data: {self._train.describe(self._world_size(), workers)}")
             return self._loader(self._train, workers, True, batch_size=self.batch_size, drop_last=True)
         sampler = training_sampler(self.trainer, len(self._train), self.batch_size, self.seed, self.train_repeats)
-        return self._loader(SeededDataset(self._train, self.sample_extras), self.num_workers, True, batch_sampler=sampler)
+        dataset = SeededDataset(self._train, self.sample_extras)
+        return self._loader(dataset, self.num_workers, True, batch_sampler=sampler)
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Lightning's move to the model's device, then, for a training batch under ``dataset.device_transforms``,
+        its views made there (``device_views``). The data module's hook, not the methods': it holds the transform,
+        and Lightning warns on every run whose LightningModule overrides a transfer hook beside a data module."""
+        moved = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if self.device_transforms and self.trainer is not None and self.trainer.training:
+            return self.device_views(moved, batch["sample_seed"].tolist())
+        return moved
+
+    def device_views(self, batch: dict[str, torch.Tensor], seeds: list[int]) -> dict[str, torch.Tensor]:
+        """A training batch of uint8 images (``dataset.device_transforms``), now on its device: the training views.
+
+        ``seeds`` are the samples' ``sample_seed`` values, read on the host before the batch moved (read on a GPU,
+        they would wait for the work queued there); each image draws its crop and flip from its own.
+        """
+        batch["image"] = self.train_transform.batch(batch["image"], seeds)
+        return batch
 
     def _loader(self, dataset: Dataset, num_workers: int, persistent: bool, **kwargs: Any) -> SkippingDataLoader:
         return SkippingDataLoader(

@@ -109,11 +109,15 @@ class SupervisedClassifier(TrainingMethod):
     def train_repeats(cls, cfg: DictConfig) -> int:
         return int(cfg[cls.config_section].augment.repeated_aug)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Refuse unlabelled samples while the batch is still on the host: a check on the device would wait for it."""
+        if self.training and (batch["label"] < 0).any():
+            raise ValueError("supervised training needs labels, but this batch has unlabelled samples (label -1)")
+        return batch
+
     def mix(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, targets): mixup/cutmix-ed images with soft targets when enabled, else hard labels."""
         images, labels = batch["image"], batch["label"]
-        if (labels < 0).any():
-            raise ValueError("supervised training needs labels, but this batch has unlabelled samples (label -1)")
         if self.mixup is None:
             return images, labels
         if images.shape[0] % 2:  # timm mixes a batch with its reverse; a batch shortened by skipped samples may be odd
