@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install demo test lint data
+.PHONY: install demo test lint data bench bench-gpu
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -34,3 +34,20 @@ test: install
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+
+# Speed tables (docs/benchmarks.md). `make bench [DEVICE=cuda] [BATCH=8,16] [BENCH_ARGS="--repeats 1"]`: the sections
+# below, measured in one run. `make bench-gpu`: the GPU tables, about 5 minutes on an H100: MAE, BEiT, DeiT at batch
+# 256 with their MFU and our steps against timm's and a plain MAE's; Pale-T vs Swin-T at 64 and 128 (all bf16 autocast).
+DEVICE ?= cpu
+BATCH ?= 8
+BENCH_ARGS ?=
+BENCH_SECTIONS := objectives,peers,pale_vs_swin,mae_token_drop,detection_ratios,data_pipeline
+GPU_STEPS := --device cuda --steps 20 --warmup 5
+
+bench: install
+	$(BIN)/python -m src.benchmark --device $(DEVICE) --batch-size $(BATCH) --sections $(BENCH_SECTIONS) $(BENCH_ARGS)
+
+bench-gpu: $(STAMP)
+	$(BIN)/python -m src.benchmark $(GPU_STEPS) --sections objectives --batch-size 256 --repeats 1
+	$(BIN)/python -m src.benchmark $(GPU_STEPS) --sections peers --batch-size 256 --repeats 2
+	$(BIN)/python -m src.benchmark $(GPU_STEPS) --sections pale_vs_swin --batch-size 64,128 --repeats 2

@@ -4,7 +4,8 @@ Sections are registered functions ``(args) -> Table``. To add one, put ``@sectio
 on a function in any module of this package (``src/benchmarks/``): every module here is imported before the
 sections run, so no edit here is needed. Library code never imports this package.
 
-``measure`` runs a step in a fresh process and returns seconds per step and peak memory:
+``measure`` runs a step in a fresh process and returns seconds per step and peak memory (and the step's FLOPs
+when its setup is wrapped in ``counted``):
 CUDA's ``max_memory_allocated`` on a GPU, the growth of the process's max RSS on CPU (a fresh process per
 measurement, so one measurement's peak cannot hide the next one's). Comparisons go through ``measure_interleaved``:
 the contenders take turns over several rounds and ratios are taken round by round, because a shared machine
@@ -26,14 +27,18 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import src.encoders  # noqa: F401  (registers the encoder families with timm)
 
 StepSetup = Callable[[torch.device], Callable[[], None]]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -86,6 +91,43 @@ class Measurement:
     cpu_seconds: float  # this process's CPU time per step: robust to other load on a shared CPU
     kernel_seconds: float  # the part of cpu_seconds spent in the kernel (page faults of fresh allocations)
     peak_bytes: int
+    flops: float = 0.0  # one step's forward + backward FLOPs, counted once (``counted`` setups; else 0)
+
+
+@dataclass
+class CountedStep:
+    """A step that carries its FLOP count, so that ``measure_in_process`` reports it beside the time."""
+
+    step: Callable[[], None]
+    flops: float
+
+    def __call__(self) -> None:
+        self.step()
+
+
+def cpu_attention_flops(query: Any, key: Any, value: Any, *_: Any, **__: Any) -> int:
+    """FlopCounterMode passes the op's arguments as shapes; the count needs q, k and v only."""
+    return sdpa_flop_count(query, key, value)
+
+
+def cpu_attention_backward_flops(grad_out: Any, query: Any, key: Any, value: Any, *_: Any, **__: Any) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the GPU attention kernels but not the CPU one (torch 2.14 counts it as 0): same formulas
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops,
+}
+
+
+def counted(setup: StepSetup, device: torch.device) -> CountedStep:
+    """``setup``'s step, run once under FlopCounterMode before any warm-up or timing (the counter's dispatch
+    overhead stays out of the times): matmuls, convolutions and attention kernels of forward and backward."""
+    step = setup(device)
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        step()
+    return CountedStep(step, float(counter.get_total_flops()))
 
 
 def measure_in_process(setup: StepSetup, device_name: str, steps: int, warmup: int, threads: int | None) -> Measurement:
@@ -115,7 +157,8 @@ def measure_in_process(setup: StepSetup, device_name: str, steps: int, warmup: i
     peak = (
         torch.cuda.max_memory_allocated(device) if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
-    return Measurement(seconds / steps, cpu_seconds / steps, kernel_seconds / steps, peak - base)
+    flops = step.flops if isinstance(step, CountedStep) else 0.0
+    return Measurement(seconds / steps, cpu_seconds / steps, kernel_seconds / steps, peak - base, flops)
 
 
 def measure(setup: StepSetup, args: argparse.Namespace) -> Measurement:
@@ -149,6 +192,7 @@ def median(runs: Sequence[Measurement]) -> Measurement:
         statistics.median(r.cpu_seconds for r in runs),
         statistics.median(r.kernel_seconds for r in runs),
         int(statistics.median(r.peak_bytes for r in runs)),
+        statistics.median(r.flops for r in runs),
     )
 
 
@@ -185,20 +229,39 @@ def format_ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b > 0 else "n/a"
 
 
-def train_step(arch: str, batch: int, img_size: int, device: torch.device) -> Callable[[], None]:
+def precision(device: str) -> str:
+    """What ``mixed=True`` steps run in on ``device``: the toolkit's trainer precision ``auto``."""
+    return "bf16 autocast" if torch.device(device).type == "cuda" else "fp32"
+
+
+def config(path: str, **overrides: Any) -> DictConfig:
+    """A YAML file of this repository (``conf/...``, ``recipes/...``) with ``overrides`` merged over it: steps are
+    built from the settings a run of that file uses, not from copies of them."""
+    return OmegaConf.merge(OmegaConf.load(REPO / path), overrides)
+
+
+def train_step(arch: str, batch: int, img_size: int, device: torch.device, mixed: bool = False) -> Callable[[], None]:
     """Forward, cross-entropy, backward and AdamW step of a 1000-class timm model on random data."""
     model = timm.create_model(arch, num_classes=1000, img_size=img_size).to(device).train()
     images = torch.randn(batch, 3, img_size, img_size, device=device)
     labels = torch.randint(0, 1000, (batch,), device=device)
-    return optimizer_step(lambda: F.cross_entropy(model(images), labels), model.parameters())
+    return optimizer_step(lambda: F.cross_entropy(model(images), labels), model.parameters(), mixed)
 
 
-def optimizer_step(loss_fn: Callable[[], torch.Tensor], params) -> Callable[[], None]:
-    """A timed training step: the loss, zero_grad, backward and an AdamW update of ``params``."""
-    optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)
+def optimizer_step(loss_fn: Callable[[], torch.Tensor], params, mixed: bool = False) -> Callable[[], None]:
+    """A timed training step: the loss, zero_grad, backward and an AdamW update of ``params``.
+
+    ``mixed``: the loss under bf16 autocast when the parameters are on a GPU, as the toolkit trains there
+    (Lightning's bf16-mixed: autocast around the forward, backward outside it); fp32 on the CPU either way.
+    """
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    device_type = params[0].device.type
+    autocast = mixed and device_type == "cuda"
 
     def step() -> None:
-        loss = loss_fn()
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -243,6 +306,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attn-batch", type=int, default=1, help="ps_attention batch (default 1)")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads in each measurement (default: torch's)"
+    )
+    parser.add_argument(
+        "--data-workers", type=int, default=2, help="DataLoader workers of data_pipeline's loader rows (default 2)"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the GPU's dense bf16 peak in TFLOP/s for MFU (default: the objectives section's table of known GPUs)",
     )
     parser.add_argument("--sections", default="all", help="comma-separated section names, or 'all'")
     parser.add_argument("--list", action="store_true", help="list the sections and exit")

@@ -6,11 +6,12 @@ import argparse
 from collections.abc import Callable
 from functools import partial
 
-import timm
 import torch
+from omegaconf import DictConfig
 
 from src.benchmarks.core import (
     Table,
+    config,
     format_mib,
     format_ratio,
     measure_interleaved,
@@ -18,29 +19,36 @@ from src.benchmarks.core import (
     memory_kind,
     optimizer_step,
     paired_ratio,
+    precision,
     round_ratios,
     section,
     timing_note,
 )
+from src.encoders import create_encoder
 from src.methods.mae import MAE
 
 OPTIM = {"base_lr": 1.5e-4, "reference_batch": 256, "betas": [0.9, 0.95], "weight_decay": 0.05}
 
 
-def mae_step(arch: str, token_drop: bool, batch: int, img_size: int, device: torch.device) -> Callable[[], None]:
-    """One MAE pretraining step (mask 75 %, 8-block decoder, norm_pix loss, AdamW) on random images."""
-    encoder = timm.create_model(arch, img_size=img_size, num_classes=0)
-    model = MAE(encoder, img_size, OPTIM, batch_size=batch, warmup_epochs=1, token_drop=token_drop).to(device)
+def mae_step(
+    encoder: DictConfig, token_drop: bool, batch: int, img_size: int, device: torch.device
+) -> Callable[[], None]:
+    """One MAE pretraining step (mask 75 %, 8-block decoder, norm_pix loss, AdamW) on random images.
+
+    ``encoder`` is an encoder config (``conf/encoder/*.yaml``): the encoder ``MAE.from_config`` would build.
+    """
+    model = MAE(create_encoder(encoder, img_size), img_size, OPTIM, batch, warmup_epochs=1, token_drop=token_drop)
+    model = model.to(device)
     images = torch.randn(batch, 3, img_size, img_size, device=device)
-    return optimizer_step(lambda: model.compute_loss({"image": images})[0], model.parameters())
+    return optimizer_step(lambda: model.compute_loss({"image": images})[0], model.parameters(), mixed=True)
 
 
 @section("mae_token_drop", "MAE training step on ViT-B/16: encode visible patches only vs the full input")
 def mae_token_drop(args: argparse.Namespace) -> Table:
-    arch = "mim_vit_base_patch16"
+    encoder = config("conf/encoder/vit_b.yaml")
     rows, notes = [], []
     for batch in args.batch_size:
-        setups = [partial(mae_step, arch, drop, batch, args.img_size) for drop in (True, False)]
+        setups = [partial(mae_step, encoder, drop, batch, args.img_size) for drop in (True, False)]
         runs = measure_interleaved(setups, args)
         dropped_runs, full_runs = runs
         dropped, full = median(dropped_runs), median(full_runs)
@@ -70,7 +78,7 @@ def mae_token_drop(args: argparse.Namespace) -> Table:
         rows,
         [
             "same model and 8-block 512-wide decoder; mask ratio 0.75; the paper reports 2.8x-4.1x for dropping; "
-            + timing_note(args),
+            f"{precision(args.device)}; {timing_note(args)}",
             memory_kind(args.device),
             *notes,
         ],

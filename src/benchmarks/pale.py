@@ -17,6 +17,7 @@ from src.benchmarks.core import (
     median,
     memory_kind,
     paired_ratio,
+    precision,
     round_ratios,
     section,
     timing_note,
@@ -40,7 +41,8 @@ def pale_vs_swin(args: argparse.Namespace) -> Table:
             params[arch] = sum(p.numel() for p in timm.create_model(arch, img_size=args.img_size).parameters())
     rows, notes = [], []
     for batch in args.batch_size:
-        runs = measure_interleaved([partial(train_step, arch, batch, args.img_size) for _, arch in models], args)
+        steps = [partial(train_step, arch, batch, args.img_size, mixed=True) for _, arch in models]
+        runs = measure_interleaved(steps, args)
         pale_runs, swin_runs = runs
         pale, swin = median(pale_runs), median(swin_runs)
         for (label, arch), result in zip(models, (pale, swin), strict=True):
@@ -72,7 +74,8 @@ def pale_vs_swin(args: argparse.Namespace) -> Table:
         ["batch", "model", "params (M)", "images/s (wall)", "images per CPU-s", "kernel share of CPU", "peak MiB"],
         rows,
         [
-            f"step = forward, cross-entropy, backward, AdamW; fp32, timm defaults of each model; {timing_note(args)}",
+            f"step = forward, cross-entropy, backward, AdamW; {precision(args.device)}, timm defaults of each model; "
+            + timing_note(args),
             memory_kind(args.device),
             "ratio rows: Pale-T divided by Swin-T (above 1: Pale-T has more params, is faster, needs more memory)",
             "kernel share: CPU time in the kernel, mostly page faults of large fresh allocations (grows with batch)",

@@ -106,6 +106,7 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         train_repeats: int = 1,
         sample_extras: SampleExtras | None = None,
+        labelled: bool = False,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -116,6 +117,7 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_repeats = train_repeats
         self.sample_extras = sample_extras
+        self.labelled = labelled  # training needs a label per sample (supervised runs)
         # the training loader hands uint8 images, whose views are made on the model's device (transfer_batch_to_device)
         self.device_transforms = bool(cfg.get("device_transforms", False))
         self._train: Dataset | None = None
@@ -275,8 +277,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Lightning's move to the model's device, then, for a training batch under ``dataset.device_transforms``,
-        its views made there (``device_views``). The data module's hook, not the methods': it holds the transform,
-        and Lightning warns on every run whose LightningModule overrides a transfer hook beside a data module."""
+        its views made there (``device_views``). A ``labelled`` run's training batch is checked for labels first,
+        on the host. The data module's hook, not the methods': it holds the transform, and Lightning warns on every
+        run whose LightningModule overrides a transfer hook beside a data module."""
+        training = self.trainer is not None and self.trainer.training
+        if self.labelled and training and (batch["label"] < 0).any():  # on the host: no wait for the device
+            raise ValueError("this run trains on labels, but a training batch has unlabelled samples (label -1)")
         moved = super().transfer_batch_to_device(batch, device, dataloader_idx)
         if self.device_transforms and self.trainer is not None and self.trainer.training:
             return self.device_views(moved, batch["sample_seed"].tolist())
@@ -355,9 +361,10 @@ def build_datamodule(
     seed: int = 0,
     train_repeats: int = 1,
     sample_extras: SampleExtras | None = None,
+    labelled: bool = False,
 ) -> ImageDataModule:
     """Build and validate the data module for ``conf/dataset/<name>.yaml``."""
     cfg = dataset_cfg if isinstance(dataset_cfg, DictConfig) else OmegaConf.create(dict(dataset_cfg))
     return ImageDataModule(
-        cfg, train_transform, eval_transform, batch_size, num_workers, seed, train_repeats, sample_extras
+        cfg, train_transform, eval_transform, batch_size, num_workers, seed, train_repeats, sample_extras, labelled
     )

@@ -10,19 +10,20 @@ fraction of the PIL path's Python overhead, which matters when two cores share d
 views draw the same random numbers in the same order as the per-image path: at the images' own size both
 give the same views (to float rounding), resized ones differ by at most a grey level (torch's bicubic is
 not PIL's). Crops draw in another order, so those runs differ from the PIL path's.
+
+The batched forms also run on a GPU (``dataset.device_transforms=true``): the loader hands the uint8 images as
+stored (``StoredImages``) and the data module calls ``batch`` on them once they are on the device. The draws
+stay on the CPU, from each sample's seed, so the device makes the views the CPU batched path would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 
 import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as TF
-
-from src.data.distributed import sample_rng
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision's and MAE's default)
@@ -57,8 +58,10 @@ class _ImageTransform:
         return {"image": self.pipeline(img)}
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 1, H, W) grey -> float (B, 3, H, W) normalised, as the per-image tail does."""
-        return ((images.float() / 255.0 - self.mean) / self.std).contiguous()
+        """uint8 (B, 1, H, W) grey -> float (B, 3, H, W) normalised, as the per-image tail does, on their device."""
+        # non_blocking: the copy of six floats to a GPU does not wait for the work queued there
+        mean, std = (t.to(images.device, non_blocking=True) for t in (self.mean, self.std))
+        return ((images.float() / 255.0 - mean) / std).contiguous()
 
 
 def resize_and_centre_crop(images: torch.Tensor, img_size: int) -> torch.Tensor:
@@ -92,18 +95,12 @@ class PretrainTransform(_ImageTransform):
         """uint8 (B, H, W) grey -> (B, 3, img_size, img_size): a crop (or the whole image), a flip, normalised.
 
         With ``seeds`` each image draws its crop and flip under its own seed, first the crop then the flip,
-        as the per-image path does; without, the batch draws them from the running stream.
+        as the per-image path does; without, the batch draws them from the running stream. The draws are made
+        on the CPU, the pixel work on the images' device.
         """
         images = images.unsqueeze(1)
-        draws = [nullcontext()] * len(images) if seeds is None else [sample_rng(s) for s in seeds]
-        boxes, flips = [], []
-        for img, draw in zip(images, draws, strict=True):
-            with draw:
-                if self.crop_scale is not None:
-                    boxes.append(RandomResizedCrop.get_params(img, self.crop_scale, list(CROP_RATIO)))
-                if seeds is not None:
-                    flips.append(bool(torch.rand(1) < 0.5))
-        if self.crop_scale is None:
+        boxes, flips = self._draw(images, seeds)
+        if boxes is None:
             views = resize_and_centre_crop(images, self.img_size)
         else:
             size = [self.img_size, self.img_size]
@@ -113,8 +110,50 @@ class PretrainTransform(_ImageTransform):
                     for img, box in zip(images, boxes, strict=True)
                 ]
             )
-        flip = torch.rand(len(views)) < 0.5 if seeds is None else torch.tensor(flips)
-        return self._normalise(torch.where(flip.view(-1, 1, 1, 1), views.flip(-1), views))
+        flip = flips.to(views.device, non_blocking=True).view(-1, 1, 1, 1)
+        return self._normalise(torch.where(flip, views.flip(-1), views))
+
+    def _draw(self, images: torch.Tensor, seeds: list[int] | None) -> tuple[list[tuple] | None, torch.Tensor]:
+        """Each image's crop box (None without crops) and flip, from torch's CPU generator.
+
+        Per seed, the generator is seeded as ``sample_rng`` seeds it and put back once at the end. Only torch's
+        generator is touched: it is the one these draws use, and saving numpy's state for every image (what
+        ``sample_rng`` does) costs more than the draws themselves.
+        """
+
+        def box() -> tuple[int, int, int, int]:
+            return RandomResizedCrop.get_params(images[0], self.crop_scale, list(CROP_RATIO))
+
+        cropped = self.crop_scale is not None
+        if seeds is None:
+            boxes = [box() for _ in images] if cropped else None
+            return boxes, torch.rand(len(images)) < 0.5
+        state = torch.get_rng_state()
+        boxes, flips = [], []
+        try:
+            for seed in seeds:
+                torch.default_generator.manual_seed(seed)
+                if cropped:
+                    boxes.append(box())
+                flips.append(bool(torch.rand(1) < 0.5))
+        finally:
+            torch.set_rng_state(state)
+        return (boxes if cropped else None), torch.tensor(flips)
+
+
+class StoredImages:
+    """The loader's half of ``dataset.device_transforms``: each grey image as stored, uint8 (H, W).
+
+    The training transform's ``batch`` makes the views once the batch is on the device: the loader spends no
+    time on pixels and sends one byte per stored pixel, where a float view of the same size takes twelve.
+    """
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        return {"image": TF.pil_to_tensor(img)[0]}
+
+    def batch(self, images: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
+        """The batch's images unchanged; ``seeds`` travel with the samples (``sample_seed``) to the device step."""
+        return images
 
 
 class EvalTransform(_ImageTransform):
@@ -131,3 +170,7 @@ class EvalTransform(_ImageTransform):
     def batch(self, images: torch.Tensor, seeds: list[int] | None = None) -> torch.Tensor:
         """uint8 (B, H, W) grey -> (B, 3, img_size, img_size), normalised (deterministic: ``seeds`` unused)."""
         return self._normalise(resize_and_centre_crop(images.unsqueeze(1), self.img_size))
+
+
+# Transforms whose batched form runs on any device (``dataset.device_transforms``): MAE's views and the evaluation view.
+DEVICE_TRANSFORMS = (PretrainTransform, EvalTransform)

@@ -45,6 +45,7 @@ class TrainingMethod(L.LightningModule):
     # Key prefixes of the method's own parts in a flat (official) checkpoint: never encoder weights.
     pretraining_keys: ClassVar[tuple[str, ...]] = ()
     fits: ClassVar[bool] = True  # False: an evaluation (``trainer.validate``), nothing is trained
+    trains_on_labels: ClassVar[bool] = False  # the data module refuses unlabelled training samples (on the host)
     trains_mask_token: bool = False  # frozen otherwise, so DDP never meets a parameter without a gradient
     init_report: InitReport | None = None  # what a fine-tune started from; the pipeline publishes it
 
@@ -110,6 +111,7 @@ class TrainingMethod(L.LightningModule):
             seed=cfg.seed,
             train_repeats=cls.train_repeats(cfg),
             sample_extras=cls.sample_extras(cfg),
+            labelled=cls.trains_on_labels,
         )
 
     @classmethod

@@ -51,6 +51,7 @@ class SupervisedClassifier(TrainingMethod):
     """Trains ``encoder`` (any timm classifier: here a convnet teacher) on labels; ``augment`` is conf/augment/."""
 
     hparams_ignore: tuple[str, ...] = ("encoder", "record")  # modules and objects, not hyper-parameters
+    trains_on_labels = True
 
     def __init__(
         self,
@@ -108,12 +109,6 @@ class SupervisedClassifier(TrainingMethod):
     @classmethod
     def train_repeats(cls, cfg: DictConfig) -> int:
         return int(cfg[cls.config_section].augment.repeated_aug)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Refuse unlabelled samples while the batch is still on the host: a check on the device would wait for it."""
-        if self.training and (batch["label"] < 0).any():
-            raise ValueError("supervised training needs labels, but this batch has unlabelled samples (label -1)")
-        return batch
 
     def mix(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, targets): mixup/cutmix-ed images with soft targets when enabled, else hard labels."""
