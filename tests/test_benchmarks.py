@@ -89,6 +89,15 @@ def test_objectives_and_peers_render(capsys: pytest.CaptureFixture[str], monkeyp
     steps = [r for r in rows if not r[1].startswith("**")]
     assert len(steps) == 4 and all(float(r[4]) > 0 for r in steps)
 
+    def profiled_here(setup: benchmark.StepSetup, args: Any, threads: int) -> dict[str, float]:
+        return pale_profile.profile_in_process(setup, args.device, args.steps, args.warmup, threads)
+
+    monkeypatch.setattr(pale_profile, "profile_step", profiled_here)
+    benchmark.main(["--sections", "mae_profile", *argv, "--threads", "1"])
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.startswith("| **total**"))
+    assert all(float(v) > 0 for v in total.split("|")[2:4]) and "ours, 1 thr | plain, 1 thr" in out
+
 
 def test_plain_mae_attention_masking_and_patches() -> None:
     """The baseline computes what the paper says: exact attention, int(L (1 - r)) kept patches, MAE's patch order."""

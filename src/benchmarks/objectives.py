@@ -37,6 +37,7 @@ from src.benchmarks.core import (
     train_step,
 )
 from src.benchmarks.mae import mae_step
+from src.benchmarks.pale_profile import kinds_table
 from src.benchmarks.plain_mae import plain_mae_step
 from src.encoders import create_encoder
 from src.methods.beit import BEiT
@@ -296,4 +297,20 @@ def peers(args: argparse.Namespace) -> Table:
             memory_kind(args.device),
             *notes,
         ],
+    )
+
+
+@section("mae_profile", "where our MAE step and the plain MAE's spend their time (profiler, CPU), 1 vs N threads")
+def mae_profile(args: argparse.Namespace) -> Table:
+    batch, size = args.batch_size[0], args.img_size
+    contenders = {
+        "ours": partial(mae_step, ENCODERS["MAE"]["ViT-B/16"], True, batch, size),
+        "plain": partial(plain_mae_step, PLAIN_VIT, batch, size),
+    }
+    return kinds_table(
+        f"MAE ViT-B/16 step by kind of op, ours against the plain MAE, batch {batch}, {size} px, cpu",
+        contenders,
+        args,
+        "step = MAE loss (mask 0.75, 8-block 512-wide decoder, norm_pix), backward, AdamW; the plain MAE's attention "
+        "is bmm + softmax (its bmm count as matrix multiplies)",
     )

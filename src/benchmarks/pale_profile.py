@@ -51,38 +51,43 @@ def profile_step(setup: StepSetup, args: argparse.Namespace, threads: int) -> di
         return pool.submit(profile_in_process, setup, args.device, args.steps, args.warmup, threads).result()
 
 
-@section("pale_profile", "where Pale-T and Swin-T training steps spend their time (profiler, CPU), 1 vs N threads")
-def pale_profile(args: argparse.Namespace) -> Table:
+def kinds_table(title: str, contenders: dict[str, StepSetup], args: argparse.Namespace, note: str) -> Table:
+    """Milliseconds per step by kind of op for two contenders, at one thread and at the benchmark's count."""
     if torch.device(args.device).type != "cpu":
-        raise SystemExit("pale_profile reads CPU op times; run it with --device cpu")
-    batch = args.batch_size[0]
+        raise SystemExit("the profile sections read CPU op times; run them with --device cpu")
     threads = sorted({1, args.threads or torch.get_num_threads()})
-    archs = {"Pale-T": "pale_tiny_224", "Swin-T": "swin_tiny_patch4_window7_224"}
-    times = {
-        (label, n): profile_step(partial(train_step, arch, batch, args.img_size), args, n)
-        for n in threads
-        for label, arch in archs.items()
-    }
-    kinds = [kind for kind, _ in KINDS]
+    times = {(label, n): profile_step(setup, args, n) for n in threads for label, setup in contenders.items()}
+    (first, second), kinds = list(contenders), [kind for kind, _ in KINDS]
     rows = []
     for kind in [*kinds, "total"]:
         row = [kind if kind != "total" else "**total**"]
         for n in threads:
-            pale, swin = (
-                sum(times[(label, n)].values()) if kind == "total" else times[(label, n)][kind] for label in archs
-            )
-            row += [f"{pale:.0f}", f"{swin:.0f}", f"{pale - swin:+.0f}"]
+            parts = [times[(label, n)] for label in contenders]
+            a, b = (sum(p.values()) if kind == "total" else p[kind] for p in parts)
+            row += [f"{a:.0f}", f"{b:.0f}", f"{a - b:+.0f}"]
         rows.append(row)
     columns = ["part of the step (ms)"]
     for n in threads:
-        columns += [f"Pale-T, {n} thr", f"Swin-T, {n} thr", f"Pale - Swin, {n} thr"]
+        columns += [f"{first}, {n} thr", f"{second}, {n} thr", f"{first} - {second}, {n} thr"]
     return Table(
-        f"Time per training step by kind of op, batch {batch}, {args.img_size} px, cpu (torch.profiler self time)",
+        title,
         columns,
         rows,
         [
-            "step = forward, cross-entropy, backward, AdamW (as in pale_vs_swin); self CPU time of the calling "
-            f"thread per op, mean of {args.steps} profiled steps after {args.warmup} warm-up, fresh process each",
-            "the profiler adds overhead per op, so totals exceed pale_vs_swin's unprofiled step times",
+            f"{note}; self CPU time of the calling thread per op, mean of {args.steps} profiled steps after "
+            f"{args.warmup} warm-up, fresh process each",
+            "the profiler adds overhead per op, so totals exceed the unprofiled step times",
         ],
+    )
+
+
+@section("pale_profile", "where Pale-T and Swin-T training steps spend their time (profiler, CPU), 1 vs N threads")
+def pale_profile(args: argparse.Namespace) -> Table:
+    batch = args.batch_size[0]
+    archs = {"Pale-T": "pale_tiny_224", "Swin-T": "swin_tiny_patch4_window7_224"}
+    return kinds_table(
+        f"Time per training step by kind of op, batch {batch}, {args.img_size} px, cpu (torch.profiler self time)",
+        {label: partial(train_step, arch, batch, args.img_size) for label, arch in archs.items()},
+        args,
+        "step = forward, cross-entropy, backward, AdamW (as in pale_vs_swin)",
     )
