@@ -51,6 +51,7 @@ HARMLESS += ("logger.", "trainer.log_every_n_steps", "knn.every_n_epochs", "max_
 # its accumulation, src/pipeline/elastic.py); each change is said on an info line.
 LAYOUT = ("trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accumulate_grad_batches")
 LAYOUT += ("trainer.accelerator", "trainer.sync_batchnorm", "trainer.compile", "trainer.fsdp.", "launcher.")
+LAYOUT += ("dataset.device_transforms",)  # the same views, made on the device instead of in the loader
 # Keys that may change on resume when the command says so (resume_changes=[...]): how long the run goes on.
 RESUMABLE = ("epochs", "trainer.max_epochs", "trainer.max_steps")
 IMPLIED = {"epochs": ("trainer.max_epochs",)}  # trainer.max_epochs follows epochs in every config
