@@ -12,7 +12,6 @@ were over; ``reopen_cut_epoch`` reopens it, so that a longer run goes on with th
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,6 @@ import lightning as L
 import torch
 
 from src.config import ConfigError
-
-log = logging.getLogger(__name__)
 
 LAYOUT_KEY = "data_layout"
 PROGRESS_KEY = "epoch_loop.batch_progress"
