@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import compose_config
@@ -21,7 +22,7 @@ import src.benchmarks.data as bench_data
 from src.config import ConfigError
 from src.data import EvalTransform, PretrainTransform, build_datamodule, load_fashion_mnist
 from src.data.classification import ClassificationTrainTransform
-from src.data.distributed import sample_seed
+from src.data.distributed import sample_seeds
 from src.data.transforms import StoredImages
 from src.methods.mae import MAE
 
@@ -61,7 +62,7 @@ def test_device_views_equal_the_cpu_batched_path(crop_scale: tuple[float, float]
 def test_each_view_is_drawn_from_its_own_seed() -> None:
     """A view depends on its image and seed only (not on its place in the batch), and the running stream is kept."""
     images = load_fashion_mnist(FMNIST_ROOT, "test")[0][:8]
-    seeds = [sample_seed(0, 1, p) for p in range(8)]
+    seeds = sample_seeds(0, 1, np.arange(8))
     transform = PretrainTransform(32, MEAN, STD)
     state = torch.get_rng_state()
     whole = transform.batch(images, seeds)

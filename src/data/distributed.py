@@ -56,11 +56,6 @@ def sample_seeds(seed: int, epoch: int, positions: np.ndarray) -> list[int]:
     return (_splitmix64(base ^ positions.astype(np.uint64)) >> np.uint64(1)).tolist()
 
 
-def sample_seed(seed: int, epoch: int, position: int) -> int:
-    """One sample's seed (``sample_seeds`` for one position)."""
-    return sample_seeds(seed, epoch, np.array([position]))[0]
-
-
 def derived_generator(seed: int, tag: int) -> torch.Generator:
     """A CPU generator of its own for one purpose (``tag``) of one sample: independent of the augmentation draws."""
     return torch.Generator().manual_seed(mix_seed(seed, tag))
