@@ -102,8 +102,8 @@ def test_a_rerun_with_the_same_seed_reproduces_the_weights_and_the_loss(tmp_path
     from safetensors.torch import load_file
 
     def run(name: str, seed: int) -> tuple[dict[str, torch.Tensor], list[dict[str, str]]]:
-        logged_each_step = [f"runs_dir={tmp_path}", f"run_name={name}", f"seed={seed}", "trainer.log_every_n_steps=1"]
-        result = run_cli([*TINY, *MAE_LIGHT, *logged_each_step])
+        run_args = [f"runs_dir={tmp_path}", f"run_name={name}", f"seed={seed}", "trainer.log_every_n_steps=1"]
+        result = run_cli([*TINY, *MAE_LIGHT, *run_args])
         assert result.returncode == 0, result.stderr[-3000:]
         with open(tmp_path / name / "csv" / "metrics.csv") as f:
             # losses, lr and kNN scores step by step; throughput is the one logged column that may differ
