@@ -254,6 +254,21 @@ class TrainingMethod(L.LightningModule):
             "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
         }
 
+    def on_train_start(self) -> None:
+        """Set the lr to the schedule's value at the current step.
+
+        A resumed run restores the optimizer's lr of the last step it took; the schedule is recomputed for the
+        run's current length (``resume_changes=[trainer.max_steps]`` makes it longer), and its first step must
+        use the new schedule's lr, not the old schedule's final one.
+        """
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, LambdaLR):
+                pairs = zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+                lrs = [base * factor(scheduler.last_epoch) for base, factor in pairs]
+                for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+                    group["lr"] = lr
+
     def lr_schedule(self, lr: float, warmup: int, total: int, steps_per_epoch: int) -> Callable[[int], float]:
         """The lr multiplier per optimizer step: linear warm-up, then a half-cosine down to ``optim.min_lr``."""
         return partial(

@@ -26,9 +26,22 @@ from src.pipeline.callbacks import KNNMonitor, NonFiniteGuard, PictureLogger, Sa
 from src.pipeline.checkpoint import AtomicCheckpointIO
 from src.pipeline.elastic import keep_global_batch
 from src.pipeline.loggers import build_loggers, check_logger, wandb_run_dir
-from src.pipeline.output import single_log_stream
+from src.pipeline.output import log_to_file, single_log_stream
 from src.pipeline.report import loss_curve
-from src.pipeline.run_folder import check_same_run, record_run, resume_checkpoint, run_lock
+from src.pipeline.run_folder import (
+    FINISHED_FILE,
+    METRICS_FILE,
+    check_same_run,
+    check_writable,
+    finished_run,
+    load_recorded,
+    mark_finished,
+    record_run,
+    resume_checkpoint,
+    run_folder,
+    run_lock,
+    write_atomically,
+)
 from src.pipeline.strategy import build_strategy, cluster_plugins, maybe_compile
 
 log = logging.getLogger(__name__)
@@ -45,6 +58,39 @@ class RunResult:
     wandb_dir: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     global_step: int = 0
+    finished_before: bool = False  # the same command had already finished this run: nothing ran, nothing changed
+
+    def record(self) -> dict:
+        """What ``finished.json`` keeps of the result: paths relative to the run folder, which may move."""
+        paths = {"checkpoint": self.checkpoint, "pictures": self.pictures, "loss_curve": self.loss_curve}
+        paths |= {"first_and_last": self.first_and_last, "wandb_dir": self.wandb_dir}
+        return {
+            "step": self.global_step,
+            "paths": {k: _relative(v, self.run_dir) for k, v in paths.items()},
+            "exports": {k: _relative(v, self.run_dir) for k, v in self.exports.items()},
+        }
+
+    @classmethod
+    def recorded(cls, run_dir: Path, record: dict) -> RunResult:
+        """The result a finished run recorded, read back from its folder."""
+        paths = {k: v if v is None else run_dir / v for k, v in record["paths"].items()}
+        wandb_dir = paths.pop("wandb_dir")
+        return cls(
+            run_dir=run_dir,
+            **paths,
+            wandb_dir=str(wandb_dir) if wandb_dir else None,
+            exports={k: run_dir / v for k, v in record["exports"].items()},
+            metrics=dict(load_recorded(run_dir / METRICS_FILE)),
+            global_step=int(record["step"]),
+            finished_before=True,
+        )
+
+
+def _relative(path: str | Path | None, run_dir: Path) -> str | None:
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
 
 
 def resolve_precision(trainer_cfg: DictConfig) -> str:
@@ -96,11 +142,16 @@ def run(cfg: DictConfig) -> RunResult:
     """
     single_log_stream()
     method = prepare(cfg)
-    run_dir = Path(cfg.run_dir).resolve()
-    if rank_zero_only.rank != 0:
-        return fit(cfg, method, run_dir)
+    run_dir = run_folder(cfg)
+    if rank_zero_only.rank != 0:  # decides as rank zero does: the marker is gone before rank zero changes anything
+        finished = finished_run(run_dir, cfg)
+        return RunResult.recorded(run_dir, finished) if finished else fit(cfg, method, run_dir)
+    check_writable(run_dir)
     with run_lock(run_dir, takeover=bool(cfg.get("takeover", False))):
         check_same_run(run_dir, cfg)
+        finished = finished_run(run_dir, cfg)
+        if finished is not None:
+            return RunResult.recorded(run_dir, finished)
         return fit(cfg, method, run_dir)
 
 
@@ -109,7 +160,9 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resume_checkpoint(run_dir, cfg.resume) if method.fits else None
     if rank_zero_only.rank == 0:
+        (run_dir / FINISHED_FILE).unlink(missing_ok=True)  # a longer run: its old results are no longer whole
         record_run(run_dir, cfg)
+    log_to_file(run_dir)
 
     datamodule = method.build_data(cfg)  # data first: a wrong path fails before any model is built
     module = method.from_config(cfg)
@@ -129,6 +182,7 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
                 save_top_k=0,
                 every_n_train_steps=cfg.checkpoint_every_n_steps,
                 save_on_train_epoch_end=True,
+                enable_version_counter=False,  # never last-v1.ckpt: a moved folder's resume must find last.ckpt
             )
         )
         guard = NonFiniteGuard(cfg.max_nonfinite_steps)
@@ -189,13 +243,20 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
         if method.fits:
             result.loss_curve = loss_curve(run_dir / "csv" / "metrics.csv", run_dir / "pictures" / "loss.png")
             result.first_and_last = pictures.first_and_last if pictures is not None else None
-        (run_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2, sort_keys=True))
+        write_atomically(run_dir / METRICS_FILE, json.dumps(result.metrics, indent=2, sort_keys=True))
+        mark_finished(run_dir, cfg, result.record())
     return result
 
 
 def summary(result: RunResult) -> str:
     """The one block a user reads at the end of a run: where everything went, and what the numbers mean."""
     lines = [f"run finished at step {result.global_step}: {result.run_dir}"]
+    if result.finished_before:
+        lines = [
+            f"run already finished at step {result.global_step}: {result.run_dir} (nothing ran, nothing changed; to "
+            "go on longer, pass resume_changes=[trainer.max_steps] with a larger trainer.max_steps, or "
+            "resume_changes=[epochs] with more epochs)"
+        ]
     if result.checkpoint:
         lines.append(f"  checkpoint : {result.checkpoint}  (resume: same command, resume=auto)")
     for name, path in result.exports.items():
@@ -206,9 +267,7 @@ def summary(result: RunResult) -> str:
         lines.append(f"  first/last : {result.first_and_last}  (the same images at the first and the last step)")
     if result.loss_curve:
         lines.append(f"  loss curve : {result.loss_curve}")
-    lines.append(
-        f"  metrics    : {result.run_dir / 'metrics.json'}, history in {result.run_dir / 'csv' / 'metrics.csv'}"
-    )
+    lines.append(f"  metrics    : {result.run_dir / METRICS_FILE}, history in {result.run_dir / 'csv' / 'metrics.csv'}")
     if result.wandb_dir:
         lines.append(f"  W&B run    : {result.wandb_dir}  (offline runs upload with `wandb sync {result.wandb_dir}`)")
     else:

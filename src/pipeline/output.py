@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
 
 # Python warnings that every run would raise and that say nothing about the user's run.
 HARMLESS_WARNINGS = (
@@ -20,6 +23,8 @@ HARMLESS_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     # Lightning's own use of a torch API that torch has deprecated; nothing a user can change.
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # A moved or copied run folder: our checkpoint names are fixed (last.ckpt), so nothing of what it lists is lost.
+    r"The dirpath has changed from .* won't be reloaded",
 )
 # Log lines from libraries that carry no information about the run.
 HARMLESS_LOG_LINES = (
@@ -52,3 +57,21 @@ def single_log_stream() -> None:
     for handler in handlers:
         if not any(isinstance(f, KnownHarmless) for f in handler.filters):
             handler.addFilter(KnownHarmless())
+
+
+def log_to_file(run_dir: Path) -> None:
+    """Add the run's own log file, ``run_dir/<front door>.log``, once the folder is known to be this run's.
+
+    Hydra writes nothing (``conf/hydra/output``): a refused command must leave the folder as it was. Outside a
+    front door (a test calling ``run``) there is no log file.
+    """
+    if not HydraConfig.initialized():
+        return
+    path = run_dir / f"{HydraConfig.get().job.name}.log"
+    root = logging.getLogger()
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    handler.addFilter(KnownHarmless())
+    root.addHandler(handler)

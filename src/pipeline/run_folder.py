@@ -4,6 +4,10 @@
   of its init checkpoint (``run_identity.json``: path, size, sha256). A later command in the same folder
   continues only the same run; any other difference stops before work and names the keys, except how the
   run is laid out on machines (devices, nodes, strategy, accumulation): a run may resume at another world size.
+- Place: the folder lies inside ``runs_dir`` (a ``run_name`` cannot climb out of it) and nothing in it depends on
+  the absolute path it was made at, so a project or a run folder may be moved or copied and resumed.
+- Finished: a run that ended writes ``finished.json`` last; the same command again reports it and writes nothing,
+  the way ``make`` treats a built target. A longer run (``resume_changes=[...]``) takes the marker away first.
 - Lock: one process per folder (``.lock`` names host, pid and start time). A lock whose pid is dead on this
   host is stale and taken over; ``takeover=true`` (or a SLURM requeue) takes over a lock from another host.
 - Checkpoints: the last two are kept (``last.ckpt``, ``last-previous.ckpt``), and on SLURM's requeue signal
@@ -21,6 +25,7 @@ import os
 import pickle
 import re
 import socket
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -29,14 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
+from src.encoders.loading import follow_umask
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"  # the run's resolved config, as the method settled it (export rebuilds from it)
 IDENTITY_FILE = "run_identity.json"
+FINISHED_FILE = "finished.json"  # written last by a run that ended; its presence says the folder's results are whole
+METRICS_FILE = "metrics.json"
 LOCK_FILE = ".lock"
 LAST, PREVIOUS = "last.ckpt", "last-previous.ckpt"
 # Lightning's checkpoint on SLURM's requeue signal: trainer.default_root_dir (the run folder)/hpc_ckpt_<N>.ckpt,
@@ -46,6 +55,8 @@ PARTIAL_SUFFIX = ".tmp"
 
 # Keys that change no result: they may differ between the commands of one run.
 HARMLESS = ("resume", "takeover", "resume_changes", "num_workers", "checkpoint_every_n_steps", "export", "pictures.")
+# Where the folder and the init file lie: a moved project resumes (the init file's content is checked by its identity).
+HARMLESS += ("runs_dir", "run_dir", "init.checkpoint")
 HARMLESS += ("logger.", "trainer.log_every_n_steps", "knn.every_n_epochs", "max_nonfinite_steps")
 # How the run is laid out on machines: a resume may change them (another world size keeps the global batch by
 # its accumulation, src/pipeline/elastic.py); each change is said on an info line.
@@ -58,9 +69,39 @@ IMPLIED = {"epochs": ("trainer.max_epochs",)}  # trainer.max_epochs follows epoc
 READ_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, ValueError)
 
 
+# ---- place -------------------------------------------------------------------------------------------------
+def run_folder(cfg: DictConfig) -> Path:
+    """The run's folder, refused unless it lies inside ``runs_dir`` (``run_name=../x`` would write elsewhere)."""
+    runs_dir = Path(cfg.runs_dir).resolve()
+    run_dir = Path(cfg.run_dir).resolve()
+    if ".." in Path(str(cfg.get("run_name", ""))).parts or not run_dir.is_relative_to(runs_dir):
+        raise ConfigError(
+            f"run_name={cfg.get('run_name')!r} puts the run at {run_dir}, outside runs_dir={runs_dir}: a run_name "
+            "names a folder inside runs_dir (no '..'); to write runs elsewhere, set runs_dir=..."
+        )
+    return run_dir
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create the folder and a file in it now, so that a read-only place fails in one line before any work."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (run_dir, *(p for p in (run_dir / "checkpoints",) if p.is_dir())):
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+    except OSError as e:
+        raise ConfigError(
+            f"cannot write the run folder {run_dir} ({e.strerror or type(e).__name__}: {e.filename or run_dir}): "
+            "choose runs_dir=... on a writable disk, or make the folder writable"
+        ) from None
+
+
 # ---- identity ----------------------------------------------------------------------------------------------
 def file_identity(path: str | Path) -> dict[str, Any]:
-    """Path, size and sha256 of a file: a replaced file under the same name is another file."""
+    """Path, size and sha256 of a file: a replaced file under the same name is another file.
+
+    Only size and digest say which file it is (``same_file``): the path changes when a project is moved.
+    """
     path = Path(path)
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -76,6 +117,28 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     if checkpoint is None or not Path(checkpoint).is_file():
         return {"init": None}
     return {"init": file_identity(checkpoint)}
+
+
+def same_file(before: dict[str, Any] | None, after: dict[str, Any] | None) -> bool:
+    """Two identities name the same content (wherever the files lie)."""
+    if before is None or after is None:
+        return before is after
+    return (before.get("size"), before.get("sha256")) == (after.get("size"), after.get("sha256"))
+
+
+def load_recorded(path: Path) -> Any:
+    """A file the toolkit wrote into a run folder (config, identity, marker); damage is named, not a traceback."""
+    try:
+        value = OmegaConf.load(path) if path.suffix == ".yaml" else json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"{path} cannot be read ({type(e).__name__}: {reason[:200]}): the run folder is damaged; restore the file "
+            "or start the run again in a new run_name"
+        ) from None
+    if not isinstance(value, (DictConfig, dict)) or not value:
+        raise ConfigError(f"{path} holds no mapping: the run folder is damaged; restore the file or use a new run_name")
+    return value
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -101,14 +164,14 @@ def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"resume_changes={list(asked)}: only {list(RESUMABLE)} may change on resume")
     allowed = asked + tuple(implied for key in asked for implied in IMPLIED.get(key, ()))
-    changes = config_changes(OmegaConf.load(config_file), cfg)
+    changes = config_changes(load_recorded(config_file), cfg)
     layout = {k: v for k, v in changes.items() if k.startswith(LAYOUT)}
     refused = {k: v for k, v in changes.items() if not k.startswith(HARMLESS + LAYOUT) and k not in allowed}
     identity_file = run_dir / IDENTITY_FILE
     if identity_file.is_file():
-        before, after = json.loads(identity_file.read_text())["init"], run_identity(cfg)["init"]
-        if before != after:
-            digests = tuple(identity and identity["sha256"][:12] for identity in (before, after))
+        before, after = load_recorded(identity_file).get("init"), run_identity(cfg)["init"]
+        if not same_file(before, after):
+            digests = tuple(identity and str(identity.get("sha256"))[:12] for identity in (before, after))
             refused["init.checkpoint (file content, sha256)"] = digests
     if not refused:
         if layout:
@@ -133,6 +196,41 @@ def record_run(run_dir: Path, cfg: DictConfig) -> None:
     (run_dir / IDENTITY_FILE).write_text(json.dumps(run_identity(cfg), indent=2) + "\n")
 
 
+# ---- finished runs -------------------------------------------------------------------------------------------
+def run_length(cfg: DictConfig) -> dict[str, Any]:
+    """The keys that say how long a run goes on: a finished run asked to go on longer is not finished."""
+    return {key: OmegaConf.select(cfg, key) for key in RESUMABLE}
+
+
+def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """What a finished run of the same length recorded (``finished.json``), or None if it has to (go on) run."""
+    marker = run_dir / FINISHED_FILE
+    if not marker.is_file():
+        return None
+    record = load_recorded(marker)
+    return record if record.get("length") == run_length(cfg) else None
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` in one step: a kill leaves the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=partial_name(path), suffix=PARTIAL_SUFFIX)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def mark_finished(run_dir: Path, cfg: DictConfig, record: dict[str, Any]) -> None:
+    """The last write of a run: from now on the same command reports the run instead of running it."""
+    write_atomically(run_dir / FINISHED_FILE, json.dumps({**record, "length": run_length(cfg)}, indent=2) + "\n")
+
+
 # ---- lock ----------------------------------------------------------------------------------------------------
 def _alive(pid: int) -> bool:
     try:
@@ -149,6 +247,26 @@ def _requeued() -> bool:
     return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
 
 
+def lock_holder(lock: Path, attempts: int = 5) -> dict[str, Any] | None:
+    """Host and pid of the process holding ``lock``, or None when the file does not say (garbage, empty).
+
+    An empty file may be a lock its holder is still writing: it is read again a few times before it counts.
+    """
+    for attempt in range(attempts):
+        try:
+            holder = json.loads(lock.read_text())
+        except FileNotFoundError:  # its holder has just let it go
+            return {}
+        except (OSError, UnicodeDecodeError, ValueError):
+            holder = None
+        pid = holder.get("pid") if isinstance(holder, dict) else None
+        if type(pid) is int and pid > 0 and isinstance(holder.get("host"), str):
+            return holder
+        if attempt + 1 < attempts:
+            time.sleep(0.1)
+    return None
+
+
 @contextmanager
 def run_lock(run_dir: Path, takeover: bool = False) -> Iterator[None]:
     """Hold ``run_dir/.lock`` for the duration; a live holder elsewhere refuses this process, naming itself."""
@@ -159,18 +277,23 @@ def run_lock(run_dir: Path, takeover: bool = False) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            stale = holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1)))
+            holder = lock_holder(lock)
+            if holder == {}:
+                continue
+            if holder is None and not (takeover or _requeued()):
+                raise ConfigError(
+                    f"{lock} is unreadable (empty or not a lock this toolkit wrote; a writer killed mid-write leaves "
+                    "one): if no process is using this run, pass takeover=true or delete the file"
+                ) from None
+            stale = holder is not None and holder["host"] == me["host"] and not _alive(holder["pid"])
             if not (stale or takeover or _requeued()):
                 raise ConfigError(
-                    f"{run_dir} is in use by pid {holder.get('pid')} on {holder.get('host')} since "
+                    f"{run_dir} is in use by pid {holder['pid']} on {holder['host']} since "
                     f"{holder.get('started')}: wait for it to end, use another run_name, or pass takeover=true if "
                     "that process is gone (a SLURM requeue takes over by itself)"
                 ) from None
-            log.warning("taking over %s from pid %s on %s", lock, holder.get("pid"), holder.get("host"))
+            owner = f"pid {holder['pid']} on {holder['host']}" if holder else "an unreadable holder"
+            log.warning("taking over %s from %s", lock, owner)
             lock.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as f:
