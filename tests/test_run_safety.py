@@ -61,7 +61,10 @@ def test_a_second_checkpoint_in_the_same_folder_is_refused_not_silently_resumed(
     a, b = encoder_file(tmp_path / "a.safetensors", 0), encoder_file(tmp_path / "b.safetensors", 1)
     first = run(linear(tmp_path, a))
     metrics = (first.run_dir / "metrics.json").read_text()
-    with pytest.raises(ConfigError, match=r"holds another run: init\.checkpoint: .*a\.safetensors.*b\.safetensors"):
+    with pytest.raises(
+        ConfigError,
+        match=r"holds another run: init\.checkpoint \(file content, sha256\): .*a\.safetensors.*b\.safetensors",
+    ):
         run(linear(tmp_path, b))
     assert (first.run_dir / "metrics.json").read_text() == metrics  # nothing of the first run was touched
     assert json.loads((first.run_dir / "init_report.json").read_text())["checkpoint"].endswith("a.safetensors")

@@ -126,9 +126,9 @@ def test_a_moved_run_folder_resumes_into_last_ckpt(tmp_path: Path) -> None:
 @pytest.mark.parametrize("content", ["", "{", "null", '{"host": 1, "pid": "x"}', '{"host": "h", "pid": -1}'])
 def test_an_unreadable_lock_is_named_with_the_way_out(tmp_path: Path, content: str) -> None:
     (tmp_path / LOCK_FILE).write_text(content)
-    with pytest.raises(ConfigError, match=r"\.lock is unreadable .* pass takeover=true or delete the file"):
-        with run_lock(tmp_path):
-            pass
+    unreadable = r"\.lock is unreadable .* pass takeover=true or delete the file"
+    with pytest.raises(ConfigError, match=unreadable), run_lock(tmp_path):
+        pass
     with run_lock(tmp_path, takeover=True):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
 

@@ -31,6 +31,7 @@ from src.pipeline.report import loss_curve
 from src.pipeline.run_folder import (
     FINISHED_FILE,
     METRICS_FILE,
+    RECORDED_PATHS,
     check_same_run,
     check_writable,
     finished_run,
@@ -62,11 +63,9 @@ class RunResult:
 
     def record(self) -> dict:
         """What ``finished.json`` keeps of the result: paths relative to the run folder, which may move."""
-        paths = {"checkpoint": self.checkpoint, "pictures": self.pictures, "loss_curve": self.loss_curve}
-        paths |= {"first_and_last": self.first_and_last, "wandb_dir": self.wandb_dir}
         return {
             "step": self.global_step,
-            "paths": {k: _relative(v, self.run_dir) for k, v in paths.items()},
+            "paths": {k: _relative(getattr(self, k), self.run_dir) for k in RECORDED_PATHS},
             "exports": {k: _relative(v, self.run_dir) for k, v in self.exports.items()},
         }
 

@@ -65,6 +65,8 @@ LAYOUT += ("trainer.accelerator", "trainer.sync_batchnorm", "trainer.compile", "
 LAYOUT += ("dataset.device_transforms",)  # the same views, made on the device instead of in the loader
 # Keys that may change on resume when the command says so (resume_changes=[...]): how long the run goes on.
 RESUMABLE = ("epochs", "trainer.max_epochs", "trainer.max_steps")
+# What finished.json keeps of a finished run's result, each a path relative to the folder (or None).
+RECORDED_PATHS = ("checkpoint", "pictures", "loss_curve", "first_and_last", "wandb_dir")
 IMPLIED = {"epochs": ("trainer.max_epochs",)}  # trainer.max_epochs follows epochs in every config
 READ_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, ValueError)
 
@@ -171,7 +173,10 @@ def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
     if identity_file.is_file():
         before, after = load_recorded(identity_file).get("init"), run_identity(cfg)["init"]
         if not same_file(before, after):
-            digests = tuple(identity and str(identity.get("sha256"))[:12] for identity in (before, after))
+            digests = tuple(
+                identity and f"{identity.get('path')} {str(identity.get('sha256'))[:12]}"
+                for identity in (before, after)
+            )
             refused["init.checkpoint (file content, sha256)"] = digests
     if not refused:
         if layout:
@@ -208,7 +213,15 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     if not marker.is_file():
         return None
     record = load_recorded(marker)
-    return record if record.get("length") == run_length(cfg) else None
+    if record.get("length") != run_length(cfg):
+        return None
+    paths, exports = record.get("paths"), record.get("exports")
+    whole = type(record.get("step")) is int and isinstance(paths, dict) and isinstance(exports, dict)
+    if not whole or not all(isinstance(p, str) for p in exports.values()) or set(paths) != set(RECORDED_PATHS):
+        raise ConfigError(f"{marker} is damaged (no step or paths of a finished run): delete it to run again")
+    if not all(p is None or isinstance(p, str) for p in paths.values()):
+        raise ConfigError(f"{marker} is damaged (no step or paths of a finished run): delete it to run again")
+    return record
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -263,7 +276,7 @@ def lock_holder(lock: Path, attempts: int = 5) -> dict[str, Any] | None:
         if type(pid) is int and pid > 0 and isinstance(holder.get("host"), str):
             return holder
         if attempt + 1 < attempts:
-            time.sleep(0.1)
+            time.sleep(0.02)
     return None
 
 
