@@ -197,8 +197,8 @@ def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
 def record_run(run_dir: Path, cfg: DictConfig) -> None:
     """Write what defines the run into its folder (rank zero only)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    (run_dir / IDENTITY_FILE).write_text(json.dumps(run_identity(cfg), indent=2) + "\n")
+    write_atomically(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    write_atomically(run_dir / IDENTITY_FILE, json.dumps(run_identity(cfg), indent=2) + "\n")
 
 
 # ---- finished runs -------------------------------------------------------------------------------------------
