@@ -1,51 +1,124 @@
-"""`python -m src.export runs/<run_name> [--checkpoint FILE] [--out DIR]`: re-export a run's weights.
+"""`python -m src.export runs/<run_name> [--checkpoint FILE] [--out DIR] [--allow-pickle]`: re-export a run's weights.
 
 Works for every kind of run: it rebuilds the run's method from the config the run saved (``config.yaml``),
 loads the checkpoint (weights only) and writes the method's exports (encoder in timm naming, classifiers,
 tokenizers, the official MAE/BEiT layouts). A run that trains nothing (kNN) re-exports the encoder it evaluated.
+
+The checkpoint is the one a resume would continue from: the readable one at the latest step, so an unreadable
+``last.ckpt`` is passed over, with a warning, for ``last-previous.ckpt``.
+
+A run folder is data, not code: every ``allow_pickle`` its recorded config holds is set to false, whoever wrote
+the file. Only the person typing the command can let export unpickle the files that config names (a DALL-E
+``encoder.pkl`` tokenizer, a teacher or init ``.pth``): ``--allow-pickle``. Checkpoints are never unpickled.
+See docs/security.md.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
-import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from src.config import ConfigError, exit_on_user_error
+from src.encoders.loading import PickleRefused, first_line, load_strict, read_weights, tensors_only
 from src.methods import method_class
-from src.pipeline.run_folder import CONFIG_FILE
+from src.pipeline.run_folder import CONFIG_FILE, load_recorded, resume_checkpoint
+
+PICKLE_KEY = "allow_pickle"
 
 
-def export_run(run_dir: Path, checkpoint: Path | None = None, out_dir: Path | None = None) -> dict[str, Path]:
+def with_pickle_permission(node: Any, allow: bool) -> Any:
+    """``node`` (a plain container) with every ``allow_pickle`` key, however deep, set to ``allow``."""
+    if isinstance(node, dict):
+        return {k: allow if k == PICKLE_KEY else with_pickle_permission(v, allow) for k, v in node.items()}
+    if isinstance(node, list):
+        return [with_pickle_permission(v, allow) for v in node]
+    return node
+
+
+def pickle_allowed(node: Any) -> bool:
+    """Whether a config composed from a command line (as a plain container) sets some ``allow_pickle`` true: the
+    permission a run's own export of its checkpoint passes on to ``export_run``."""
+    if isinstance(node, dict):
+        return any(v is True if k == PICKLE_KEY else pickle_allowed(v) for k, v in node.items())
+    return isinstance(node, list) and any(pickle_allowed(v) for v in node)
+
+
+def recorded_config(run_dir: Path, allow_pickle: bool) -> DictConfig:
+    """The config the run recorded, with the pickle permission of the command instead of the file's."""
     config_file = run_dir / CONFIG_FILE
     if not config_file.is_file():
         raise ConfigError(f"{config_file} not found: is {run_dir} a run folder made by this toolkit?")
-    cfg = OmegaConf.load(config_file)
-    method = method_class(cfg.method)
+    try:  # recorded resolved: an interpolation was written by someone else, and must resolve here or be named
+        recorded = OmegaConf.to_container(load_recorded(config_file), resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{config_file} cannot be resolved ({first_line(e)}): the run folder is damaged") from None
+    return OmegaConf.create(with_pickle_permission(recorded, allow_pickle))
+
+
+def checkpoint_state(run_dir: Path, checkpoint: Path | None) -> tuple[Path, dict]:
+    """The checkpoint to export and its state dict; without ``checkpoint``, the one a resume would continue from."""
+    if checkpoint is None:
+        checkpoint = resume_checkpoint(run_dir, "auto")  # an unreadable newer one is passed over with a warning
+        if checkpoint is None:
+            raise ConfigError(f"{run_dir} holds no checkpoint (checkpoints/last.ckpt): has this run trained yet?")
+    try:
+        raw = read_weights(checkpoint, "checkpoint")
+    except PickleRefused:
+        raise ConfigError(
+            f"checkpoint={checkpoint} pickles Python objects: checkpoints of this toolkit hold weights only, so this "
+            "file is not one of them, and export never unpickles a checkpoint"
+        ) from None
+    return checkpoint, tensors_only(raw.get("state_dict"), "checkpoint", checkpoint)
+
+
+def export_run(
+    run_dir: Path, checkpoint: Path | None = None, out_dir: Path | None = None, allow_pickle: bool = False
+) -> dict[str, Path]:
+    """Rebuild the run of ``run_dir`` from its recorded config, load its checkpoint and write its exports.
+
+    ``allow_pickle`` is the permission of the person typing the command (``--allow-pickle``) to unpickle the
+    files the config names; the recorded config never grants it.
+    """
+    cfg = recorded_config(run_dir, allow_pickle)
+    method = method_class(cfg.get("method"))
+    state = None
     if method.fits:
-        checkpoint = checkpoint or run_dir / "checkpoints" / "last.ckpt"
-        if not checkpoint.is_file():
-            raise ConfigError(f"checkpoint not found: {checkpoint}")
+        checkpoint, state = checkpoint_state(run_dir, checkpoint)
         if "init" in cfg:  # the checkpoint holds every trained weight: the run's init file need not exist any more
             cfg.init.kind, cfg.init.checkpoint = "random", None
-    module = method.from_config(cfg)
-    if method.fits:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    try:
+        module = method.from_config(cfg)
+    except PickleRefused as e:
+        raise ConfigError(
+            f"{e.key}={e.path} (named by {run_dir / CONFIG_FILE}) pickles Python objects, and unpickling runs code "
+            "from the file; a run folder's config cannot allow that. If you trust the file, pass --allow-pickle"
+        ) from None
+    if state is not None:
         module.on_load_checkpoint({"state_dict": state})  # frozen parts (tokenizer, teacher) come from their files
-        module.load_state_dict(state, strict=True)
+        load_strict(module, state, f"checkpoint={checkpoint} does not fit the model {run_dir / CONFIG_FILE} describes")
     return module.export(out_dir or run_dir / "export")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="the run folder, e.g. runs/mae-vit_b-fashion_mnist")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="default: RUN_DIR/checkpoints/last.ckpt")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="default: the newest readable of RUN_DIR/checkpoints/"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/export")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="let torch unpickle the tokenizer, teacher or init files the run's config names (runs code from "
+        "them: only for files you trust); never taken from the run folder",
+    )
     args = parser.parse_args(argv)
     with exit_on_user_error():
-        for name, path in export_run(args.run_dir, args.checkpoint, args.out).items():
+        for name, path in export_run(args.run_dir, args.checkpoint, args.out, args.allow_pickle).items():
             print(f"{name}: {path}")
 
 

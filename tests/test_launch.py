@@ -243,7 +243,7 @@ def test_resume_picks_the_checkpoint_at_the_latest_step_and_says_which(tmp_path:
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert resume_checkpoint(tmp_path, "auto") == hpc2
-    assert "hpc_ckpt_1.ckpt cannot be read" in caplog.text and "resuming from" in caplog.text
+    assert "hpc_ckpt_1.ckpt cannot be read" in caplog.text and "; using " in caplog.text
 
     only_hpc = tmp_path / "requeued_before_any_checkpoint"
     fake_checkpoint(only_hpc / "hpc_ckpt_1.ckpt", 7)

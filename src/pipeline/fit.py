@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import validate
-from src.export import export_run
+from src.export import export_run, pickle_allowed
 from src.methods import method_class
 from src.methods.base import TrainingMethod
 from src.pipeline.callbacks import KNNMonitor, NonFiniteGuard, PictureLogger, SameConfigOnEveryRank
@@ -238,7 +238,11 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
             result.metrics |= extra
         if cfg.get("export", True):  # a sharded model is exported from its consolidated checkpoint
             out = run_dir / "export"
-            result.exports = export_run(run_dir, checkpoint, out) if sharded else module.export(out)
+            if sharded:  # with the command's own permission to unpickle (never the recorded config's)
+                allowed = pickle_allowed(OmegaConf.to_container(cfg, resolve=True))
+                result.exports = export_run(run_dir, checkpoint, out, allow_pickle=allowed)
+            else:
+                result.exports = module.export(out)
         if method.fits:
             result.loss_curve = loss_curve(run_dir / "csv" / "metrics.csv", run_dir / "pictures" / "loss.png")
             result.first_and_last = pictures.first_and_last if pictures is not None else None

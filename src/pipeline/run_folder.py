@@ -338,7 +338,10 @@ def remove_dead_partial_writes(folder: Path) -> list[Path]:
 
 def checkpoint_step(path: Path) -> int:
     """The global step a checkpoint was saved at (memory-mapped, weights-only: nothing else is loaded)."""
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(state, dict):
+        raise TypeError(f"it holds a {type(state).__name__}, not a training checkpoint")
+    return int(state["global_step"])
 
 
 def resume_checkpoint(run_dir: Path, resume: str | bool) -> Path | None:
@@ -379,7 +382,7 @@ def resume_checkpoint(run_dir: Path, resume: str | bool) -> Path | None:
     newest = max(steps, key=steps.__getitem__)  # the first of equal steps: last.ckpt before the others
     if problems:
         older = "the older " if folder / LAST not in steps else ""
-        log.warning("%s; resuming from %s%s (step %d)", "; ".join(problems), older, newest, steps[newest])
+        log.warning("%s; using %s%s (step %d)", "; ".join(problems), older, newest, steps[newest])
     elif len(steps) > 1:
         others = ", ".join(f"{p.name} at step {s}" for p, s in steps.items() if p != newest)
         log.info("resume: %s at step %d is the newest (beside %s)", newest, steps[newest], others)

@@ -8,7 +8,8 @@ x' = (1 - 2 * 0.1) x + 0.1 of [0, 1] images. Parameter names (``blocks.group_1.b
 ...) are the released encoder's, so its state dict loads strictly.
 
 The release (``encoder.pkl``) is a pickled module: reading it runs code from the file, so it is
-refused unless the user opts in (``allow_pickle=True`` / ``objective.tokenizer.allow_pickle=true``).
+refused unless the person typing the command opts in (``objective.tokenizer.allow_pickle=true`` on the command
+line; ``--allow-pickle`` for ``python -m src.export``; never from a run folder's recorded config, docs/security.md).
 Convert it once to a plain state dict and use that from then on::
 
     python -c "import torch; from safetensors.torch import save_file; \\
@@ -17,7 +18,6 @@ Convert it once to a plain state dict and use that from then on::
 
 from __future__ import annotations
 
-import pickle
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.encoders.loading import load_state_dict_file
+from src.encoders.loading import load_state_dict_file, load_strict
 from src.tokenizers.base import VisualTokenizer
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -101,30 +101,13 @@ class DalleEncoder(VisualTokenizer):
 
     @classmethod
     def from_file(cls, path: str | Path, allow_pickle: bool = False, key: str = "objective.tokenizer") -> DalleEncoder:
-        """Load the encoder from a state-dict file (safetensors or torch, read weights-only).
+        """Load the encoder from a state-dict file (safetensors or torch, read weights-only); refusals are
+        ConfigErrors naming ``key``.
 
-        A pickled module (DALL-E's ``encoder.pkl``) is unpickled only with ``allow_pickle=True``;
-        its weights are then copied into this implementation.
+        A pickled module (DALL-E's ``encoder.pkl``) is unpickled only with ``allow_pickle=True``, the opt-in of
+        the person typing the command; its weights are then copied into this implementation.
         """
-        try:
-            state = load_state_dict_file(path, allow_pickle=allow_pickle)
-        except pickle.UnpicklingError:
-            raise ValueError(
-                f"{key}.path={path} is not a plain state dict: it pickles Python objects (as DALL-E's "
-                "encoder.pkl does), and unpickling runs code from the file. If you trust the file, set "
-                f"{key}.allow_pickle=true (allow_pickle=True), or convert it once to a state dict "
-                "(see src/tokenizers/dalle.py)"
-            ) from None
-        except ModuleNotFoundError as e:
-            raise ValueError(
-                f"{key}.path={path}: unpickling needs the module that defined it ({e.name}); for DALL-E's "
-                "encoder.pkl install the `DALL-E` package (pip install DALL-E)"
-            ) from None
-        if isinstance(state, nn.Module):
-            state = state.state_dict()
+        state = load_state_dict_file(path, f"{key}.path", allow_pickle)
         model = cls()
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{key}.path={path} does not hold DALL-E encoder weights: {e}") from None
+        load_strict(model, state, f"{key}.path={path} does not hold DALL-E encoder weights")
         return model.eval().requires_grad_(False)

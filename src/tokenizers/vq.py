@@ -59,12 +59,7 @@ class VQTokenizer(VisualTokenizer):
         restart_threshold: float = 0.5,
     ) -> None:
         super().__init__()
-        if downsample < 1:
-            raise ValueError(f"tokenizer.downsample must be >= 1, got {downsample}")
-        if vocab_size < 2:
-            raise ValueError(f"tokenizer.vocab_size must be >= 2, got {vocab_size}")
-        if img_size % downsample:
-            raise ValueError(f"tokenizer.img_size={img_size} must be a multiple of tokenizer.downsample={downsample}")
+        self.check_sizes(vocab_size, downsample, img_size)
         self.vocab_size, self.downsample, self.img_size = vocab_size, downsample, img_size
         self.arch = dict(hidden=hidden, code_dim=code_dim, res_blocks=res_blocks)
         self.commitment, self.ema_decay, self.restart_threshold = commitment, ema_decay, restart_threshold
@@ -88,6 +83,16 @@ class VQTokenizer(VisualTokenizer):
         self.register_buffer("ema_count", torch.ones(vocab_size))
         self.register_buffer("ema_sum", self.codebook.clone())
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @staticmethod
+    def check_sizes(vocab_size: int, downsample: int, img_size: int) -> None:
+        """The sizes a tokenizer must have, checked before one is built (also for a spec read from disk)."""
+        if downsample < 1:
+            raise ValueError(f"tokenizer.downsample must be >= 1, got {downsample}")
+        if vocab_size < 2:
+            raise ValueError(f"tokenizer.vocab_size must be >= 2, got {vocab_size}")
+        if img_size % downsample:
+            raise ValueError(f"tokenizer.img_size={img_size} must be a multiple of tokenizer.downsample={downsample}")
 
     def spec(self) -> dict[str, Any]:
         return {
