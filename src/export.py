@@ -39,12 +39,23 @@ def with_pickle_permission(node: Any, allow: bool) -> Any:
     return node
 
 
+def pickle_permissions(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a config (as a plain container) whose ``allow_pickle`` is true."""
+    if not isinstance(node, dict):
+        return []
+    keys = []
+    for k, v in node.items():
+        if k == PICKLE_KEY:
+            keys += [f"{prefix}{k}"] if v is True else []
+        else:
+            keys += pickle_permissions(v, f"{prefix}{k}.")
+    return keys
+
+
 def pickle_allowed(node: Any) -> bool:
     """Whether a config composed from a command line (as a plain container) sets some ``allow_pickle`` true: the
     permission a run's own export of its checkpoint passes on to ``export_run``."""
-    if isinstance(node, dict):
-        return any(v is True if k == PICKLE_KEY else pickle_allowed(v) for k, v in node.items())
-    return isinstance(node, list) and any(pickle_allowed(v) for v in node)
+    return bool(pickle_permissions(node))
 
 
 def recorded_config(run_dir: Path, allow_pickle: bool) -> DictConfig:

@@ -42,10 +42,11 @@ def start_pretraining(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     )
 
 
-def compose_config(overrides: list[str], config_name: str = "pretrain") -> DictConfig:
-    """The config of a front door (pretrain, finetune, tokenizer, supervised), composed as its command would."""
+def compose_config(overrides: list[str], config_name: str = "pretrain", hydra: bool = False) -> DictConfig:
+    """The config of a front door (pretrain, finetune, tokenizer, supervised), composed as its command would
+    (``hydra=True``: with the ``hydra`` section a front door sees, overrides included)."""
     with initialize_config_dir(config_dir=str(CONF / config_name), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra)
 
 
 @pytest.fixture

@@ -141,3 +141,23 @@ def test_a_damaged_record_of_the_run_is_named(tmp_path: Path, name: str, content
     (tmp_path / name).write_text(content)
     with pytest.raises(ConfigError, match=rf"{name} (cannot be read|holds no mapping).*restore the file"):
         check_same_run(tmp_path, cfg)
+
+
+# ---- permission to unpickle --------------------------------------------------------------------------------
+def test_only_the_command_line_may_allow_unpickling() -> None:
+    """A recipe or config file that sets allow_pickle is refused; the same key typed on the command line is not."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from src.pipeline.fit import check_pickle_permission
+
+    typed = compose_config([*TINY, "init.allow_pickle=true"], config_name="finetune", hydra=True)
+    from_a_file = compose_config(TINY, config_name="finetune", hydra=True)
+    from_a_file.init.allow_pickle = True  # as a recipe or an edited config file would set it
+    try:
+        HydraConfig.instance().set_config(typed)
+        check_pickle_permission(typed)
+        HydraConfig.instance().set_config(from_a_file)
+        with pytest.raises(ConfigError, match=r"^init\.allow_pickle=true comes from a config or recipe file.*type "):
+            check_pickle_permission(from_a_file)
+    finally:
+        HydraConfig.instance().cfg = None

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import validate
-from src.export import export_run, pickle_allowed
+from src.config import ConfigError, validate
+from src.export import export_run, pickle_allowed, pickle_permissions
 from src.methods import method_class
 from src.methods.base import TrainingMethod
 from src.pipeline.callbacks import KNNMonitor, NonFiniteGuard, PictureLogger, SameConfigOnEveryRank
@@ -124,9 +125,24 @@ def build_trainer(
     )
 
 
+def check_pickle_permission(cfg: DictConfig) -> None:
+    """Unpickling runs code from the file it reads: only the person typing the command may allow it, never a
+    config or recipe file (outside a front door, the caller composed the config itself)."""
+    if not HydraConfig.initialized():
+        return
+    typed = {override.lstrip("+").split("=", 1)[0] for override in HydraConfig.get().overrides.task}
+    from_files = [key for key in pickle_permissions(OmegaConf.to_container(cfg)) if key not in typed]
+    if from_files:
+        raise ConfigError(
+            f"{from_files[0]}=true comes from a config or recipe file: unpickling runs code from the file it reads, "
+            f"so only the command line may allow it; if you trust the file, type {from_files[0]}=true yourself"
+        )
+
+
 def prepare(cfg: DictConfig) -> type[TrainingMethod]:
     """Everything checked before any work: shared keys, then the method's own; the method may settle the config."""
     validate(cfg)
+    check_pickle_permission(cfg)
     check_logger(cfg)
     method = method_class(cfg.method)
     method.resolve_config(cfg)
