@@ -353,11 +353,13 @@ def _check_manifest(root: Path, name: str, params: dict[str, Any]) -> None:
     fix = f"set dataset.root to another folder, or delete {root} to rebuild it"
     try:
         manifest = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
-        raise ConfigError(f"dataset.root={root} holds no readable {MANIFEST} of a built set: {fix}") from None
+    except (OSError, ValueError, RecursionError):
+        manifest = None
+    if not isinstance(manifest, dict):  # a JSON list or number has no builder to compare
+        raise ConfigError(f"dataset.root={root} holds no readable {MANIFEST} of a built set: {fix}")
     built = (manifest.get("builder"), manifest.get("params"))
     if built != (name, params):
-        old = manifest.get("params") or {}
+        old = built[1] if isinstance(built[1], dict) else {}
         keys = sorted(k for k in {*old, *params} if old.get(k) != params.get(k))
         changes = [f"{k}: {old.get(k)!r} -> {params.get(k)!r}" for k in keys]
         if built[0] != name:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import numpy as np
@@ -138,7 +141,9 @@ class CocoDetection(Dataset):
     Category ids become contiguous labels 1..K in id order (``class_names[label - 1]``). In training mode
     crowd instances (torchvision's losses cannot ignore them) and boxes under 1 px (counted in ``degenerate``)
     are dropped, as are the images left without instances (detectron2's default); evaluation keeps everything.
-    An unreadable image gives None (the warning names it), which ``collate_detection`` counts as skipped.
+    ``annotations`` is an instances JSON, read and checked by ``read_coco``, or what ``read_coco`` returned.
+    An unreadable image, or one whose size is not the JSON's, gives None (a warning names it), which
+    ``collate_detection`` counts as skipped.
     """
 
     def __init__(
@@ -149,17 +154,21 @@ class CocoDetection(Dataset):
         train: bool = False,
         transform: DetectionTrainTransform | None = None,
     ) -> None:
-        coco = annotations if isinstance(annotations, dict) else json.loads(Path(annotations).read_text())
         self.folder, self.masks, self.train, self.transform = Path(images), masks, train, transform
+        coco = (
+            annotations
+            if isinstance(annotations, dict)
+            else read_coco(Path(annotations), "annotations", self.folder, "images", masks, train)
+        )
         categories = sorted(coco["categories"], key=lambda c: c["id"])
         self.class_names = [c["name"] for c in categories]
         self.label_of = {c["id"]: label for label, c in enumerate(categories, 1)}
         self.degenerate = 0
         by_image: dict[int, list[dict[str, Any]]] = {image["id"]: [] for image in coco["images"]}
-        for ann in coco.get("annotations", []):
-            if train and ann.get("iscrowd", 0):
+        for ann in coco["annotations"]:
+            if train and is_crowd(ann):
                 continue
-            if train and min(ann["bbox"][2:]) < 1:
+            if train and is_sliver(ann):
                 self.degenerate += 1
                 continue
             by_image[ann["image_id"]].append(ann)
@@ -181,6 +190,15 @@ class CocoDetection(Dataset):
         path = self.folder / info["file_name"]
         decoded = decode_or_none(path, str(path))
         if decoded is None:
+            return None
+        if decoded.size != (info["width"], info["height"]):  # its boxes and masks would not fit it
+            log.warning(
+                "skipping image %s: it is %dx%d but its annotations are for %dx%d (width x height)",
+                path,
+                *decoded.size,
+                info["width"],
+                info["height"],
+            )
             return None
         image = TF.pil_to_tensor(decoded.convert("RGB"))  # grey -> 3 channels
         height, width = image.shape[-2:]
@@ -213,6 +231,292 @@ def collate_detection(samples: list[Sample | None]) -> dict[str, Any]:
     return {"images": [image for image, _ in kept], "targets": [target for _, target in kept], "skipped": skipped}
 
 
+# ---- the COCO file: read and checked once, before any work --------------------------------------------------------
+NAMED = 3  # how many annotation ids a warning names
+MIN_SIDE = 1.0  # training drops boxes with a side under this many pixels
+MAX_SIDE = 2**31 - 1  # the widest or highest image a COCO file may describe (sizes must convert to floats)
+MAX_RUN_CHARS = 7  # a compressed RLE run is at most 7 characters (32 bits plus sign, 5 bits each)
+JSON_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "true/false", type(None): "null"}
+NOUNS = {"images": "image", "annotations": "annotation", "categories": "category"}
+
+
+def is_crowd(ann: dict[str, Any]) -> bool:
+    """A crowd region: evaluation ignores detections on it; training drops it (torchvision's losses cannot)."""
+    return bool(ann.get("iscrowd", 0))
+
+
+def is_sliver(ann: dict[str, Any]) -> bool:
+    """A box with a side under ``MIN_SIDE`` px, which training drops (as detectron2 does) and counts."""
+    return min(ann["bbox"][2:]) < MIN_SIDE
+
+
+def _shown(value: Any) -> str:
+    """``value`` as JSON text, cut short so that a message stays one line."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _preview(ids: list[int]) -> str:
+    return ", ".join(map(str, ids[:NAMED])) + (", ..." if len(ids) > NAMED else "")
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite JSON number (not true/false, not a string), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        return None
+    return number if math.isfinite(number) else None
+
+
+def rle_total(counts: str) -> int | None:
+    """The summed run lengths of a compressed COCO RLE string, None when it is not one.
+
+    pycocotools decodes without checking that the runs fill the mask exactly: short runs leave uninitialised
+    memory in the mask and long ones write past it, so the runs are added up here first. Each run is 5 bits per
+    character (offset 48), 0x20 marking that more follow, 0x10 in the last one the sign; from the fourth run on,
+    each is stored as the difference to the run two before it.
+    """
+    runs: list[int] = []
+    value = shift = 0
+    for char in counts:
+        code = ord(char) - 48
+        if not 0 <= code < 64 or shift >= 5 * MAX_RUN_CHARS:
+            return None
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:
+            continue
+        if code & 0x10:
+            value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+        value = shift = 0
+    return sum(runs) if shift == 0 else None
+
+
+def segmentation_problem(segmentation: Any, height: int, width: int) -> str | None:
+    """What makes ``segmentation`` unfit for an (H, W) mask, or None.
+
+    pycocotools does not ask: it hangs on polygons far outside the image and leaves short RLEs' pixels uninitialised.
+    """
+    if isinstance(segmentation, list):
+        if not segmentation:
+            return "is an empty polygon list"
+        for polygon in segmentation:
+            if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2 or None in map(_finite, polygon):
+                return f"has polygon {_shown(polygon)}: a polygon is a flat list of at least 3 finite x, y pairs"
+            xs, ys = polygon[0::2], polygon[1::2]
+            if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+                return (
+                    f"has a polygon reaching further outside its image (width {width}, height {height}) than its size"
+                )
+        return None
+    if not isinstance(segmentation, dict):
+        return f"is {_shown(segmentation)}: it must be a polygon list or an RLE object"
+    size = segmentation.get("size")
+    if not (isinstance(size, list) and all(type(v) is int for v in size) and size == [height, width]):
+        return f"has an RLE of size {_shown(size)}, not its image's [height, width] {_shown([height, width])}"
+    counts, area = segmentation.get("counts"), height * width
+    if isinstance(counts, str):
+        total = rle_total(counts)
+    elif isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        total = sum(counts)
+    else:
+        return "has RLE counts that are neither a compressed string nor a list of run lengths"
+    if total != area:
+        return f"has RLE counts that cover {'no valid runs' if total is None else total} of the image's {area} pixels"
+    return None
+
+
+def load_json(path: Path, key: str) -> Any:
+    """The parsed JSON of ``path``; an unreadable, empty or non-JSON file fails naming ``key`` and the file."""
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror or e}") from None
+    if not text.strip():
+        raise ConfigError(f"{key}: {path} is empty; it must be a COCO instances JSON")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        reason = str(e).partition("\n")[0] or type(e).__name__
+        raise ConfigError(f"{key}: {path} is not JSON ({reason})") from None
+
+
+class CocoCheck:
+    """The checks of one parsed instances JSON, which is data from anywhere: nothing in it is trusted.
+
+    Each failure is a one-line ConfigError naming ``key``, the file, the record and what is wrong with it.
+    """
+
+    def __init__(self, coco: Any, path: Path, key: str) -> None:
+        self.where = f"{key}: {path}"
+        if not isinstance(coco, dict):
+            self.fail(f"holds {self.kind(coco)}, not a COCO instances object with images, annotations and categories")
+        self.coco = coco
+
+    def fail(self, problem: str) -> NoReturn:
+        raise ConfigError(f"{self.where}: {problem}")
+
+    @staticmethod
+    def kind(value: Any) -> str:
+        return JSON_KINDS.get(type(value), "a number")
+
+    def records(self, section: str) -> list[dict[str, Any]]:
+        """The list ``section`` of objects, with unique integer ids."""
+        if section not in self.coco:
+            self.fail(f'has no "{section}" list (a COCO instances JSON has "images", "annotations" and "categories")')
+        records = self.coco[section]
+        if not isinstance(records, list):
+            self.fail(f'"{section}" is {self.kind(records)}; it must be a list')
+        for index, record in enumerate(records):
+            if not isinstance(record, dict):
+                self.fail(f'"{section}"[{index}] is {self.kind(record)}; it must be an object')
+            self.integer(record, "id", f'"{section}"[{index}]')
+        repeated = [i for i, n in Counter(r["id"] for r in records).items() if n > 1]
+        if repeated:
+            noun = NOUNS[section]
+            self.fail(f"duplicate {noun} id(s) {_preview(repeated)}: each {noun} needs an id of its own")
+        return records
+
+    def value(self, record: dict[str, Any], field: str, label: str) -> Any:
+        if field not in record:
+            self.fail(f'{label} has no "{field}"')
+        return record[field]
+
+    def integer(self, record: dict[str, Any], field: str, label: str, bounds: tuple[int, int] | None = None) -> int:
+        value = self.value(record, field, label)
+        if isinstance(value, bool) or not isinstance(value, int) or (bounds and not bounds[0] <= value <= bounds[1]):
+            within = f" in [{bounds[0]}, {bounds[1]}]" if bounds else ""
+            self.fail(f'{label} has "{field}": {_shown(value)}; it must be an integer{within}')
+        return value
+
+    def categories(self) -> list[dict[str, Any]]:
+        """The categories in id order, each with a name; there must be at least one."""
+        categories = self.records("categories")
+        if not categories:
+            self.fail("lists no categories")
+        for category in categories:
+            if not isinstance(self.value(category, "name", f"category {category['id']}"), str):
+                self.fail(f"category {category['id']} has a name that is not a string: {_shown(category['name'])}")
+        return sorted(categories, key=lambda c: c["id"])
+
+    def images(self) -> list[dict[str, Any]]:
+        """The images, each with a positive size and a file name that stays inside the image folder."""
+        images = self.records("images")
+        if not images:
+            self.fail("lists no images")
+        owner: dict[str, int] = {}
+        for image in images:
+            label = f"image {image['id']}"
+            self.integer(image, "width", label, (1, MAX_SIDE))
+            self.integer(image, "height", label, (1, MAX_SIDE))
+            name = self.value(image, "file_name", label)
+            if not isinstance(name, str) or not name or "\0" in name:
+                self.fail(f"{label} has file_name {_shown(name)}; it must be a path relative to the image folder")
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                self.fail(f"{label} has file_name {name!r}, which leaves the image folder: name a file inside it")
+            if owner.setdefault(name, image["id"]) != image["id"]:
+                self.fail(f"images {owner[name]} and {image['id']} are both {name!r}: list each image file once")
+        return images
+
+    def annotation(
+        self, ann: dict[str, Any], images: dict[int, dict[str, Any]], categories: set[int], masks: bool
+    ) -> dict[str, Any] | None:
+        """Check one annotation; returns it, or a copy with box and area clipped to its image (None if empty)."""
+        label = f"annotation {ann['id']}"
+        image_id = self.integer(ann, "image_id", label)
+        if image_id not in images:
+            self.fail(f"{label} refers to image_id {image_id}, which no image has")
+        category_id = self.integer(ann, "category_id", label)
+        if category_id not in categories:
+            self.fail(f"{label} refers to category_id {category_id}, which no category has")
+        if ann.get("iscrowd", 0) not in (0, 1):
+            self.fail(f"{label} has iscrowd {_shown(ann['iscrowd'])}; it must be 0 or 1")
+        if "area" in ann and (_finite(ann["area"]) is None or ann["area"] < 0):
+            self.fail(f"{label} has area {_shown(ann['area'])}; it must be a finite number >= 0")
+        box = self.value(ann, "bbox", label)
+        xywh = [_finite(v) for v in box] if isinstance(box, list) else []
+        if len(xywh) != 4 or None in xywh:
+            self.fail(f"{label} has bbox {_shown(box)}; it must be 4 finite numbers [x, y, width, height]")
+        x, y, w, h = xywh
+        if w < 0 or h < 0:
+            self.fail(f"{label} has bbox {_shown(box)} with a negative side: a bbox is [x, y, width, height]")
+        image = images[image_id]
+        if masks and not ann.get("segmentation"):
+            self.fail(
+                f"{label} (image {image_id}) has no segmentation, which dataset.masks=true needs: "
+                "set dataset.masks=false to train boxes only"
+            )
+        problem = segmentation_problem(ann["segmentation"], image["height"], image["width"]) if masks else None
+        if problem:
+            self.fail(f"{label}'s segmentation {problem}")
+        width, height = float(image["width"]), float(image["height"])
+        x1, y1, x2, y2 = min(max(x, 0.0), width), min(max(y, 0.0), height), min(x + w, width), min(y + h, height)
+        if not (x2 > x1 and y2 > y1):
+            return None
+        clipped = {"bbox": [x1, y1, x2 - x1, y2 - y1]} if [x1, y1, x2, y2] != [x, y, x + w, y + h] else {}
+        if ann.get("area", 0) > width * height:
+            clipped["area"] = width * height
+        return dict(ann, **clipped) if clipped else ann
+
+
+def read_coco(path: Path, key: str, images: Path, images_key: str, masks: bool, train: bool = False) -> dict[str, Any]:
+    """Parse and check one instances JSON and the files it names, before any work.
+
+    Returns it with every box (and area) clipped to its image; boxes left empty are dropped. A warning names the
+    first few of each and counts them. A training file must leave something to train on once crowds and slivers
+    are dropped.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} does not exist")
+    check = CocoCheck(load_json(path, key), path, key)
+    categories = check.categories()
+    by_id = {image["id"]: image for image in check.images()}
+    annotations = check.records("annotations")
+    kept, clipped, dropped = [], [], []
+    for ann in annotations:
+        fitted = check.annotation(ann, by_id, {c["id"] for c in categories}, masks)
+        if fitted is None:
+            dropped.append(ann["id"])
+        else:
+            kept.append(fitted)
+            if fitted is not ann:
+                clipped.append(ann["id"])
+    if clipped or dropped:
+        log.warning(
+            "%s: %d annotation(s) reaching outside their image were clipped to it (annotations %s); %d with nothing "
+            "inside it were dropped (annotations %s)",
+            check.where,
+            len(clipped),
+            _preview(clipped) or "-",
+            len(dropped),
+            _preview(dropped) or "-",
+        )
+    if train and all(is_crowd(ann) or is_sliver(ann) for ann in kept):
+        crowds = sum(map(is_crowd, kept))
+        check.fail(
+            f"nothing to train on: training drops crowd regions (iscrowd=1: {crowds} here) and boxes under "
+            f"{MIN_SIDE:g} px or outside their image ({len(annotations) - crowds} here), which leaves none of its "
+            f"{len(annotations)} annotations; use a training file with regular instances (iscrowd=0)"
+        )
+    if not images.is_dir():
+        raise ConfigError(f"{images_key}: {images} is not a folder")
+    missing = [image["file_name"] for image in by_id.values() if not os.path.isfile(images / image["file_name"])]
+    if missing:
+        raise ConfigError(
+            f"{images_key}: {len(missing)} image file(s) listed in {path} are missing from {images}, "
+            f"the first: {missing[0]}"
+        )
+    return {"images": list(by_id.values()), "annotations": kept, "categories": categories}
+
+
 # ---- config checks ------------------------------------------------------------------------------------------------
 def _ints(n: int | None = None) -> Callable[[Any], bool]:
     """A rule: a non-empty list of positive integers (of length ``n`` if given)."""
@@ -234,40 +538,6 @@ DATASET_RULES: list[Rule] = [
     ("crop.sizes", _ints(), "must be a non-empty list of positive integers (shortest-edge sizes)"),
     ("crop.range", lambda v: _ints(2)(v) and v[0] <= v[1], "must be [min, max] positive integers, min <= max"),
 ]
-
-
-def read_coco(path: Path, key: str, images: Path, images_key: str, masks: bool) -> dict[str, Any]:
-    """Parse one instances JSON and check it references only files, images and categories that exist."""
-    if not path.is_file():
-        raise ConfigError(f"{key}: {path} does not exist")
-    try:
-        coco = json.loads(path.read_text())
-        image_ids = {image["id"] for image in coco["images"]}
-        category_ids = {category["id"] for category in coco["categories"]}
-        files = [image["file_name"] for image in coco["images"]]
-        annotations = coco.get("annotations", [])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{key}: {path} is not a COCO instances JSON ({type(e).__name__}: {e})") from None
-    if not category_ids:
-        raise ConfigError(f"{key}: {path} lists no categories")
-    if not images.is_dir():
-        raise ConfigError(f"{images_key}: {images} is not a folder")
-    missing = [name for name in files if not (images / name).is_file()]
-    if missing:
-        raise ConfigError(
-            f"{images_key}: {len(missing)} image file(s) listed in {path} are missing from {images}, "
-            f"the first: {missing[0]}"
-        )
-    for ann in annotations:
-        for field, known in (("image_id", image_ids), ("category_id", category_ids)):
-            if ann[field] not in known:
-                raise ConfigError(f"{key}: annotation {ann['id']} in {path} refers to unknown {field} {ann[field]}")
-        if masks and not ann.get("iscrowd", 0) and not ann.get("segmentation"):
-            raise ConfigError(
-                f"dataset.masks=true but annotation {ann['id']} in {path} has no segmentation: "
-                "set dataset.masks=false to train boxes only"
-            )
-    return coco
 
 
 def check_dataset_config(cfg: DictConfig) -> None:
@@ -293,7 +563,7 @@ def load_coco_set(cfg: DictConfig, masks: bool) -> dict[str, dict[str, Any]]:
     sets = {}
     for split in ("train", "val"):
         key = f"{split}_annotations"
-        sets[split] = read_coco(root / cfg[key], f"dataset.{key}", *image_folder(cfg, split), masks)
+        sets[split] = read_coco(root / cfg[key], f"dataset.{key}", *image_folder(cfg, split), masks, split == "train")
     train, val = ([(c["id"], c["name"]) for c in sorted(s["categories"], key=lambda c: c["id"])] for s in sets.values())
     if train != val:
         raise ConfigError(f"dataset.val_annotations: categories {val} differ from the training set's {train}")
@@ -367,12 +637,8 @@ class CocoDataModule(L.LightningDataModule):
         """
         check_dataset_config(cfg)
         ensure_built(cfg)
-        path = Path(cfg.root) / cfg.val_annotations
-        try:
-            categories = json.loads(path.read_text())["categories"]
-        except (OSError, ValueError, KeyError) as e:
-            raise ConfigError(f"dataset.val_annotations: cannot read the categories of {path}: {e}") from None
-        return [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+        path, key = Path(cfg.root) / cfg.val_annotations, "dataset.val_annotations"
+        return [c["name"] for c in CocoCheck(load_json(path, key), path, key).categories()]
 
     @property
     def num_classes(self) -> int:
