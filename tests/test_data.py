@@ -167,7 +167,7 @@ def test_collate_skipping_counts_and_drops_all_corrupt_batches(test_split):
 
     data = [None, None, sample, sample, None, None]
     batches = list(SkippingDataLoader(data, batch_size=2, collate_fn=collate_skipping))
-    assert len(batches) == 1 and int(batches[0]["skipped"]) == 2  # the dropped batch's count is carried
+    assert len(batches) == 1 and int(batches[0]["skipped"]) == 4  # dropped batches are counted, the last one too
     with pytest.raises(RuntimeError, match="every sample"):
         list(SkippingDataLoader([None] * 4, batch_size=2, collate_fn=collate_skipping))
 
@@ -291,7 +291,9 @@ def test_corrupt_sample_and_truncated_shard_are_skipped_counted_and_named(tmp_pa
         cut_at = tar.getmember("train_00000120.png").offset_data + 100  # mid-image: samples 100-119 survive
     cut_shard.write_bytes(cut_shard.read_bytes()[:cut_at])
 
-    cfg = dataset_cfg("shards", train_urls=pattern, val_urls=pattern, samples_per_epoch=192, img_size=32)
+    cfg = dataset_cfg(
+        "shards", train_urls=pattern, val_urls=pattern, samples_per_epoch=192, img_size=32, num_classes=10
+    )
     cfg.knn_bank = cfg.knn_queries = None
     dm = make_dm(cfg, batch_size=16, num_workers=2)
     log_file = tmp_path / "warnings.log"

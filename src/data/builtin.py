@@ -26,6 +26,7 @@ FASHION_MNIST_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+CLASSES = 10  # Fashion-MNIST's garments and the digits both
 DIGITS_TRAIN = 1500  # deterministic split of the 1,797 digits: first 1,500 train, the rest test
 INSTALL_HINT = "install it with `apt-get install dataset-fashion-mnist` (after `apt-get update`)"
 

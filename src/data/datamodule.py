@@ -2,9 +2,9 @@
 
 Batches are dicts: "image" (B, 3, H, W) float, "label" (B,) long (-1 = unlabelled), "skipped" (a long
 scalar: samples of this batch dropped as corrupt) and any extra tensors the sample transform returns.
-The dataset config is checked by ``validate()`` at construction, so a wrong path or value fails before
-any model is built, as a ConfigError naming the key. Errors while reading the data later are not the
-config's and keep their own type and traceback.
+The dataset config is checked by ``validate()`` at construction, so a wrong path or value, or data none of
+which a sample of it can be read from, fails before any model is built, as a ConfigError naming the key.
+Later, an unreadable sample is a counted skip; a pass in which every sample was skipped ends the run (RunStopped).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
-from src.config import ConfigError
-from src.data.builtin import TensorImageDataset, fashion_mnist_source, load_fashion_mnist
+from src.config import ConfigError, RunStopped, UserError
+from src.data.builtin import CLASSES, TensorImageDataset, fashion_mnist_source, load_fashion_mnist
 from src.data.distributed import SampleExtras, SeededDataset, evaluation_sampler, training_sampler
-from src.data.folder import ImageFolderDataset, find_class_folders, scan_image_folder
-from src.data.shards import ShardDataset, expand_shards
+from src.data.folder import ImageFolderDataset, check_readable, scan_image_folder
+from src.data.shards import ShardDataset, check_shards_readable, expand_shards, manifest_counts
 from src.data.transforms import DEVICE_TRANSFORMS, SampleTransform, StoredImages
 
 log = logging.getLogger(__name__)
@@ -46,32 +46,75 @@ def collate_skipping(samples: list[dict[str, torch.Tensor] | None]) -> dict[str,
     return batch
 
 
-def _drop_empty_batches(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
-    carried = 0  # corrupt samples of dropped batches, reported with the next real batch
-    delivered = 0
-    for batch in batches:
-        if batch.keys() == {"skipped"}:
-            carried += int(batch["skipped"])
-            log.warning("dropped a batch in which all %d samples were corrupt", int(batch["skipped"]))
-            continue
-        if carried:
-            batch["skipped"] = batch["skipped"] + carried
-            carried = 0
-        delivered += 1
-        yield batch
-    if carried and not delivered:
-        raise RuntimeError(f"every sample of this pass over the data was corrupt ({carried} skipped; see warnings)")
+def _drop_empty_batches(
+    batches: Iterator[dict[str, torch.Tensor]], full: int | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The non-empty batches, each handed on only once the next one is in: the corrupt samples of dropped batches
+    are added to a batch still held, so those at the end of a pass are counted too.
+
+    ``full``: the batch size, when batches of fewer samples (a stream's last) are dropped too, as ``drop_last``
+    would drop them, with their corrupt samples counted.
+    """
+    carried = 0  # corrupt samples of dropped batches, not yet added to a batch
+    held: dict[str, torch.Tensor] | None = None
+    unused = False  # readable samples dropped in a short last batch: the pass was not all corrupt
+    try:
+        for batch in batches:
+            skipped, kept = int(batch["skipped"]), _kept(batch)
+            if kept == 0 or (full is not None and kept + skipped < full):
+                carried, unused = carried + skipped, unused or kept > 0
+                if kept == 0:
+                    log.warning("dropped a batch in which all %d samples were corrupt", skipped)
+                continue
+            if held is not None:
+                yield held
+            held, batch["skipped"], carried = batch, batch["skipped"] + carried, 0
+    except UserError as e:
+        raise _unwrapped(e) from None
+    if held is None:
+        if carried and not unused:
+            raise RunStopped(
+                f"every sample of this pass over the data was corrupt ({carried} skipped; the warnings above name each "
+                "and why): replace or remove those files"
+            )
+        return
+    held["skipped"] = held["skipped"] + carried
+    yield held
+
+
+def _kept(batch: dict[str, Any]) -> int:
+    """Samples a collated batch holds (its first entry other than "skipped" has one row per sample)."""
+    return next((len(value) for key, value in batch.items() if key != "skipped"), 0)
+
+
+def _unwrapped(error: UserError) -> UserError:
+    """``error`` with its own one-line message: torch re-raises a DataLoader worker's error with its traceback."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return error
+    last = text.rstrip().splitlines()[-1]  # "<module>.<class>: <message>"
+    return type(error)(last.split(": ", 1)[-1])
 
 
 class SkippingDataLoader(DataLoader):
     """A DataLoader that never hands the model an empty batch; it fails only if a whole pass was corrupt.
 
+    A batch is handed on one step late (``_drop_empty_batches``), so that every skipped sample is counted in
+    some batch's "skipped", however the empty batches fall.
+
     Its state lives in the trainer: a ``GlobalBatchSampler`` resumes from the trainer's global step, so there is
     nothing of its own to save (``state_dict`` tells Lightning that a mid-epoch checkpoint resumes exactly).
     """
 
+    def __init__(self, dataset: Dataset, *args: Any, drop_last: bool = False, **kwargs: Any) -> None:
+        """``drop_last`` of a stream (IterableDataset) is done here, after collation, so that the corrupt samples of
+        its short batches are counted; torch would drop them uncounted in the workers."""
+        streamed = isinstance(dataset, IterableDataset)
+        super().__init__(dataset, *args, drop_last=drop_last and not streamed, **kwargs)
+        self.full = self.batch_size if drop_last and streamed else None
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return _drop_empty_batches(super().__iter__())
+        return _drop_empty_batches(super().__iter__(), self.full)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -125,6 +168,7 @@ class ImageDataModule(L.LightningDataModule):
         self._queries: Dataset | None = None
         self._classes: list[str] | None = None
         self._scanned: tuple[list[tuple[str, int]], dict[str, int]] | None = None
+        self._val_scanned: tuple[list[tuple[str, int]], dict[str, int]] | None = None
         self.validate()
 
     # ---- checks --------------------------------------------------------------------------------
@@ -175,27 +219,47 @@ class ImageDataModule(L.LightningDataModule):
                     )
         if cfg.kind == "fashion_mnist":
             fashion_mnist_source(_required(cfg, "root", "/usr/share/datasets/fashion-mnist"))
+            self._check_num_classes(CLASSES, "Fashion-MNIST (or the digits standing in) has")
         elif cfg.kind == "image_folder":
             root = _required(cfg, "root", "/data/imagenet/train")
             self._scanned = scan_image_folder(root, "dataset.root")  # listed once here, reused by setup
+            check_readable(self._scanned[0], root, "dataset.root")
             self._classes = sorted(self._scanned[1])
+            self._check_num_classes(len(self._classes), f"dataset.root={root} has class folders for")
             if cfg.get("val_root") is not None:
-                find_class_folders(cfg.val_root, "dataset.val_root")
+                self._val_scanned = scan_image_folder(cfg.val_root, "dataset.val_root", self._scanned[1])
+                check_readable(self._val_scanned[0], cfg.val_root, "dataset.val_root")
         else:
             if train_limit is not None:
                 raise ConfigError("dataset.train_limit does not apply to shards; use dataset.samples_per_epoch")
             if self.train_repeats > 1:
                 raise ConfigError("dataset.kind=shards streams samples: repeated augmentation cannot apply")
-            try:
-                expand_shards(_required(cfg, "train_urls", "'data/train-{000000..000009}.tar'"), "dataset.train_urls")
-                if cfg.get("val_urls") is not None:
-                    expand_shards(cfg.val_urls, "dataset.val_urls")
-            except ValueError as e:  # a pattern that expands to no shards
-                raise ConfigError(str(e)) from None
+            evaluated = cfg.get("val_urls") is not None  # the kNN bank is the training shards: they need labels too
+            if evaluated and cfg.get("num_classes") is None:
+                raise ConfigError(
+                    "dataset.num_classes is required with dataset.val_urls: the kNN evaluation votes over that many "
+                    "classes, and shards do not say how many there are (set it to the largest .cls label + 1)"
+                )
+            urls = {"train_urls": _required(cfg, "train_urls", "'data/train-{000000..000009}.tar'")}
+            if evaluated:
+                urls["val_urls"] = cfg.val_urls
+            for key, pattern in urls.items():
+                shards = expand_shards(pattern, f"dataset.{key}")
+                manifest_counts(shards)
+                check_shards_readable(shards, f"dataset.{key}", cfg.get("num_classes"), self.labelled or evaluated)
             if OmegaConf.is_missing(cfg, "samples_per_epoch"):
                 raise ConfigError("dataset.samples_per_epoch is required for shards (null = one pass per epoch)")
             if _positive_or_none(cfg, "samples_per_epoch", minimum=self.batch_size) is None and cfg.get("resampled"):
                 raise ConfigError("dataset.resampled=true streams without end: set dataset.samples_per_epoch")
+
+    def _check_num_classes(self, labels: int, what: str) -> None:
+        """``dataset.num_classes``, when set, must cover the data's labels 0..labels-1 (kNN and heads index by them)."""
+        num_classes = self.cfg.get("num_classes")
+        if num_classes is not None and num_classes < labels:
+            raise ConfigError(
+                f"dataset.num_classes={num_classes} but {what} {labels} classes (labels up to {labels - 1}): "
+                f"set dataset.num_classes={labels}"
+            )
 
     # ---- datasets ------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -217,14 +281,10 @@ class ImageDataModule(L.LightningDataModule):
             if cfg.get("val_root") is not None:
                 self._bank = train.view(self.eval_transform, cfg.get("knn_bank"))
                 self._queries = ImageFolderDataset(
-                    cfg.val_root,
-                    self.eval_transform,
-                    key="dataset.val_root",
-                    class_to_idx=train.class_to_idx,
-                    limit=cfg.get("knn_queries"),
+                    cfg.val_root, self.eval_transform, limit=cfg.get("knn_queries"), scanned=self._val_scanned
                 )
         else:
-            epoch = cfg.get("samples_per_epoch")
+            epoch, num_classes = cfg.get("samples_per_epoch"), cfg.get("num_classes")
             self._train = ShardDataset(
                 cfg.train_urls,
                 self.train_transform,
@@ -235,25 +295,24 @@ class ImageDataModule(L.LightningDataModule):
                 shuffle_buffer=cfg.get("shuffle_buffer", 1000),
                 batch_size=self.batch_size,
                 resampled=bool(cfg.get("resampled", False)),
+                num_classes=num_classes,
+                labelled=self.labelled,
             )
             if not self._train.resampled and len(self._train.shards) < self._world_size():
-                raise ValueError(
+                raise ConfigError(
                     f"dataset.train_urls has {len(self._train.shards)} shards for {self._world_size()} ranks; "
                     "every rank needs at least one (write more, smaller shards)"
                 )
             if cfg.get("val_urls") is not None:
-                self._bank = ShardDataset(
-                    cfg.train_urls, self.eval_transform, num_samples=cfg.get("knn_bank"), batch_size=self.batch_size
+                evaluation = partial(
+                    ShardDataset, transform=self.eval_transform, batch_size=self.batch_size, num_classes=num_classes
                 )
-                self._queries = ShardDataset(
-                    cfg.val_urls,
-                    self.eval_transform,
-                    key="dataset.val_urls",
-                    num_samples=cfg.get("knn_queries"),
-                    batch_size=self.batch_size,
+                self._bank = evaluation(cfg.train_urls, num_samples=cfg.get("knn_bank"), labelled=True)
+                self._queries = evaluation(
+                    cfg.val_urls, key="dataset.val_urls", num_samples=cfg.get("knn_queries"), labelled=True
                 )
         if not isinstance(self._train, IterableDataset) and len(self._train) < self.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the training set has {len(self._train)} images (dataset.train_limit={cfg.get('train_limit')}) "
                 f"but batch_size is {self.batch_size}: drop_last would leave no batches"
             )
@@ -277,12 +336,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
         """Lightning's move to the model's device, then, for a training batch under ``dataset.device_transforms``,
-        its views made there (``device_views``). A ``labelled`` run's training batch is checked for labels first,
-        on the host. The data module's hook, not the methods': it holds the transform, and Lightning warns on every
-        run whose LightningModule overrides a transfer hook beside a data module."""
-        training = self.trainer is not None and self.trainer.training
-        if self.labelled and training and (batch["label"] < 0).any():  # on the host: no wait for the device
-            raise ValueError("this run trains on labels, but a training batch has unlabelled samples (label -1)")
+        its views made there (``device_views``). The data module's hook, not the methods': it holds the transform,
+        and Lightning warns on every run whose LightningModule overrides a transfer hook beside a data module.
+        (A ``labelled`` run's batches hold only labelled samples: the shard reader skips the others.)"""
         moved = super().transfer_batch_to_device(batch, device, dataloader_idx)
         if self.device_transforms and self.trainer is not None and self.trainer.training:
             return self.device_views(moved, batch["sample_seed"].tolist())

@@ -1,13 +1,18 @@
 """WebDataset tar shards (``<key>.png|jpg`` + optional ``<key>.cls``) read and decoded in DataLoader workers.
 
 Failure policy, so one bad file never ends a long run:
-- an undecodable or image-less sample becomes None (dropped and counted by ``collate_skipping``),
-  with a warning naming the shard and key;
+- an undecodable or image-less sample, or one whose label is not a class index (a decimal integer >= 0, below
+  ``dataset.num_classes`` when set; required when the reader needs labels), becomes None (dropped and counted
+  by ``collate_skipping``), with a warning naming the shard, key and reason;
 - a truncated or corrupt tar ends that shard with a warning naming it (and how many samples it gave);
   reading goes on with the next shard. Where the shard's manifest (``<prefix>-shards.json``, written
   by ``src.data.write_shards``) gives its sample count, each lost sample becomes a None too, so the
   loss is counted; a cut that the manifest reveals is found even at a member boundary, where the tar
   alone looks like a shorter valid one.
+
+What cannot be a per-sample skip is refused before work (ConfigError): a pattern that expands to no shards, a
+missing shard, a manifest that is not ``{shard file name: count >= 0}`` or lists more samples than its shard's
+bytes can hold (each takes at least one 512-byte tar header), and shards whose first samples are all unusable.
 
 An IterableDataset has no natural epoch when shards are cycled, so with ``repeat=True`` each epoch is
 ``num_samples`` over all ranks, split between DataLoader workers in whole batches; ``len()`` then
@@ -19,10 +24,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -30,8 +37,9 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset
 
+from src.config import ConfigError, RunStopped
 from src.data.distributed import mix_seed
-from src.data.folder import decode_or_none
+from src.data.folder import DECODE_ERRORS, PROBE, load_image, one_line, spread
 from src.data.transforms import labelled_sample
 
 log = logging.getLogger(__name__)
@@ -39,36 +47,130 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg")
 # Errors from opening/reading a tar stream: truncation, bad headers, gzip damage, duplicate members.
 SHARD_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, zlib.error)
+TAR_BLOCK = 512  # every tar member starts with a header block this long: a shard of N bytes holds <= N // 512 samples
+LABEL = re.compile(rb"\s*(\d{1,18})\s*")  # a class index as text: what write_shards stores in ``.cls``
+
+
+def is_local(shard: str) -> bool:
+    """A shard on this machine's file system (not a URL or a ``pipe:`` command): it can be checked before work."""
+    return "://" not in shard and not shard.startswith("pipe:")
+
+
+def shard_error(exc: BaseException) -> str:
+    """What a tar reader's error says, on one line, less the `` @ <file object>`` webdataset appends."""
+    text = str(exc.args[0]).split(" @ <")[0] if exc.args else ""
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def expand_shards(urls: str | Sequence[str], key: str) -> list[str]:
-    """Brace-expand ``urls`` and check that local shards exist; errors name the config ``key``."""
-    patterns = [urls] if isinstance(urls, str) else [str(u) for u in urls]
+    """Brace-expand ``urls`` and check that local shards exist; ConfigErrors name the config ``key``."""
+    if isinstance(urls, str):
+        patterns = [urls]
+    elif isinstance(urls, Sequence) and all(isinstance(u, str) for u in urls):
+        patterns = list(urls)
+    else:
+        raise ConfigError(f"{key}={urls!r} must be a shard path or brace pattern, or a list of them")
     shards = [shard for pattern in patterns for shard in wds.shardlists.expand_urls(pattern)]
     if not shards:
-        raise ValueError(f"{key}: {urls!r} expands to no shards")
+        raise ConfigError(f"{key}: {urls!r} expands to no shards")
     for shard in shards:
-        is_remote = "://" in shard or shard.startswith("pipe:")
-        if not is_remote and not Path(shard).is_file():
-            raise FileNotFoundError(f"{key}: shard {shard} does not exist (from {urls!r})")
+        if is_local(shard) and not Path(shard).is_file():
+            raise ConfigError(f"{key}: shard {shard} does not exist (from {urls!r})")
     return shards
 
 
 MANIFEST_SUFFIX = "-shards.json"  # <prefix>-shards.json: {shard file name: number of samples}
 
 
+def read_manifest(manifest: Path) -> dict[str, int]:
+    """``{shard file name: samples}`` from a manifest; ConfigError naming it when it is anything else."""
+    fix = "rewrite it with `python -m src.data.write_shards`, or delete it (lost samples then go uncounted)"
+    try:
+        listed = json.loads(manifest.read_text())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, an int too long
+        raise ConfigError(f"shard manifest {manifest} is not readable JSON ({one_line(exc)[:200]}): {fix}") from None
+    if not isinstance(listed, dict):
+        raise ConfigError(f"shard manifest {manifest} is not a JSON object {{shard file name: samples}}: {fix}")
+    for name, count in listed.items():
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            shown = f"{name[:60]!r} has {str(count)[:40]!r} samples"
+            raise ConfigError(f"shard manifest {manifest}: {shown}, not a count >= 0: {fix}")
+    return listed
+
+
 def manifest_counts(shards: Sequence[str]) -> dict[str, int]:
-    """Samples per local shard, from the manifests in the shards' folders (shards without one are absent)."""
+    """Samples per local shard, from the manifests in the shards' folders (shards without one are absent).
+
+    ConfigError for a manifest that is not ``{name: count}`` or lists more samples than a shard's size allows.
+    """
     counts: dict[str, int] = {}
-    for folder in {Path(shard).parent for shard in shards if "://" not in shard and not shard.startswith("pipe:")}:
-        for manifest in folder.glob(f"*{MANIFEST_SUFFIX}"):
-            try:
-                listed = json.loads(manifest.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                log.warning("ignoring unreadable shard manifest %s: %s", manifest, exc)
-                continue
-            counts |= {str(folder / name): int(n) for name, n in listed.items()}
-    return {shard: counts[shard] for shard in shards if shard in counts}
+    for folder in sorted({Path(shard).parent for shard in shards if is_local(shard)}):
+        for manifest in sorted(folder.glob(f"*{MANIFEST_SUFFIX}")):
+            counts |= {str(folder / name): count for name, count in read_manifest(manifest).items()}
+    expected = {shard: counts[shard] for shard in shards if shard in counts}
+    for shard, count in expected.items():
+        size = Path(shard).stat().st_size
+        if count > size // TAR_BLOCK:
+            raise ConfigError(
+                f"shard {shard} is {size} bytes, too small for the {count} samples its manifest in "
+                f"{Path(shard).parent} lists (each takes at least {TAR_BLOCK}): it was cut short or the manifest is "
+                "wrong; copy the shard again or rewrite the shards with `python -m src.data.write_shards`"
+            )
+    return expected
+
+
+def parse_label(data: bytes, num_classes: int | None) -> int:
+    """A ``.cls`` member's class index; ValueError saying why it is none (text, negative, too large)."""
+    match = LABEL.fullmatch(data)
+    if match is None:
+        raise ValueError(f"its label (.cls) {data[:20]!r} is not a class index (a decimal integer >= 0)")
+    label = int(match.group(1))
+    if num_classes is not None and label >= num_classes:
+        raise ValueError(f"its label {label} is not below dataset.num_classes={num_classes}")
+    return label
+
+
+def read_sample(sample: dict, num_classes: int | None, labelled: bool) -> tuple[Image.Image, int]:
+    """A tar sample's decoded image and label (-1: none, unless ``labelled``); a DECODE_ERRORS error says why not."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"it has no image ({'/'.join(IMAGE_EXTENSIONS)} member)")
+    if "cls" in sample:
+        label = parse_label(sample["cls"], num_classes)
+    elif labelled:
+        raise ValueError("it has no label (.cls member), and this reader needs one")
+    else:
+        label = -1
+    return load_image(io.BytesIO(sample[ext])), label
+
+
+def check_shards_readable(shards: Sequence[str], key: str, num_classes: int | None, labelled: bool) -> None:
+    """Read up to ``PROBE`` samples of each of up to ``PROBE`` local shards spread over the list, until one is usable;
+    ConfigError naming the shards and why if none is.
+
+    Run before work: shards that hold no images (or no labels a run needs) would otherwise surface only once
+    every batch came back empty. Remote shards are not probed.
+    """
+    bad = []
+    for shard in spread([shard for shard in shards if is_local(shard)], PROBE):
+        first_problem = None
+        try:
+            for sample in islice(wds.tarfile_samples([{"url": shard}]), PROBE):
+                try:
+                    read_sample(sample, num_classes, labelled)
+                    return
+                except DECODE_ERRORS as exc:
+                    first_problem = first_problem or f"key {sample['__key__']!r}: {one_line(exc)}"
+        except SHARD_ERRORS as exc:
+            first_problem = first_problem or shard_error(exc)
+        bad.append(f"{shard} ({(first_problem or 'it holds no samples')[:200]})")
+    if bad:
+        raise ConfigError(
+            f"{key}: no sample of the first {PROBE} in each of {len(bad)} shards tried is usable: {'; '.join(bad[:3])}"
+            + ("; ..." if len(bad) > 3 else "")
+            + f"; a sample needs a decodable {'/'.join(IMAGE_EXTENSIONS)} member"
+            + (" and a .cls label" if labelled else "")
+        )
 
 
 def worker_quota(total: int, batch_size: int, num_workers: int, worker: int) -> int:
@@ -88,6 +190,8 @@ class ShardDataset(IterableDataset):
     ``repeat=False``: one pass, at most ``num_samples`` (all if None). ``repeat=True``: cycle the
     shards and end each epoch after ``num_samples`` over all ranks (rounded down to whole batches).
     ``split_by_node`` gives each rank its own shards (training); evaluation reads all on every rank.
+    ``labelled``: a sample without ``.cls`` is skipped (counted), not given label -1; ``num_classes``: labels at
+    or above it are skipped too (kNN votes and cross-entropy index a vector of that many classes).
     """
 
     def __init__(
@@ -102,12 +206,16 @@ class ShardDataset(IterableDataset):
         shuffle_buffer: int = 0,
         batch_size: int = 1,
         resampled: bool = False,
+        num_classes: int | None = None,
+        labelled: bool = False,
     ) -> None:
         if (repeat or resampled) and num_samples is None:
             raise ValueError("repeat/resampled needs num_samples (dataset.samples_per_epoch) to end an epoch")
         self.shards = expand_shards(urls, key)
         self.expected = manifest_counts(self.shards)
         self.transform = transform
+        self.num_classes = num_classes
+        self.labelled = labelled
         self.num_samples = num_samples
         self.repeat = repeat
         self.split_by_node = split_by_node
@@ -162,7 +270,7 @@ class ShardDataset(IterableDataset):
             if not (self.repeat or self.resampled):
                 return
             if in_pass == 0:
-                raise RuntimeError(
+                raise RunStopped(
                     f"rank {rank}/{world_size} worker {worker}/{num_workers} got no samples in a full pass over "
                     f"its share of {len(self.shards)} shards: they are all unreadable, or there are fewer "
                     "shards than ranks x workers (write more, smaller shards)"
@@ -189,18 +297,12 @@ class ShardDataset(IterableDataset):
             yield None if sample is None else self._decode(sample)  # None: lost in a truncated shard
 
     def _decode(self, sample: dict) -> dict[str, torch.Tensor] | None:
-        where = f"shard {sample['__url__']} key {sample['__key__']}"
-        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-        if ext is None:
-            log.warning("skipping sample without an image (%s) in %s", "/".join(IMAGE_EXTENSIONS), where)
-            return None
         try:
-            label = int(sample["cls"]) if "cls" in sample else -1
-        except ValueError as exc:
-            log.warning("skipping sample with an unreadable label in %s: %s", where, exc)
+            img, label = read_sample(sample, self.num_classes, self.labelled)
+        except DECODE_ERRORS as exc:
+            log.warning("skipping sample %r of shard %s: %s", sample["__key__"], sample["__url__"], one_line(exc))
             return None
-        img = decode_or_none(io.BytesIO(sample[ext]), where)
-        return None if img is None else labelled_sample(self.transform, img, label)
+        return labelled_sample(self.transform, img, label)
 
 
 def read_shards(shards: Iterator[dict], expected: dict[str, int]) -> Iterator[dict | None]:
@@ -215,12 +317,12 @@ def read_shards(shards: Iterator[dict], expected: dict[str, int]) -> Iterator[di
                 yield sample
                 count += 1
         except SHARD_ERRORS as exc:
-            # webdataset appends " @ <file object>" to the message; the shard is named below anyway
-            reason = str(exc.args[0]).split(" @ <")[0] if exc.args else ""
-            problem = f"is truncated or corrupt ({type(exc).__name__}: {reason})"
+            problem = f"is truncated or corrupt ({type(exc).__name__}: {shard_error(exc)})"
         lost = expected.get(url, count) - count
         if lost > 0:
             problem = problem or "ends early"
+        elif lost < 0:
+            log.warning("shard %s gave %d samples, more than the %d its manifest lists", url, count, expected[url])
         if problem is None:
             continue
         counted = f"{lost} samples lost, counted as skipped" if lost > 0 else "samples lost: unknown (no manifest)"

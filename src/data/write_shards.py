@@ -24,6 +24,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from src.config import ConfigError, exit_on_user_error
 from src.data.builtin import load_fashion_mnist
 from src.data.folder import DECODE_ERRORS, load_image, scan_image_folder, spread
 from src.data.shards import MANIFEST_SUFFIX
@@ -82,23 +83,29 @@ def write_shards(
 
     ``split`` selects the Fashion-MNIST split; a folder source is one split already (its ``root``).
     ``limit`` keeps the first N Fashion-MNIST images, or N spread evenly over a class-sorted folder.
+    What cannot work (a count under 1, a missing source, nothing readable in it) is a ConfigError naming the option.
     """
+    for option, value in (("--maxcount", maxcount), ("--limit", limit)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{option} must be a positive integer, got {value!r}")
     if source == "fashion_mnist":
         samples = _fashion_mnist_samples(root, split, limit)
     elif source == "folder":
         samples = _folder_samples(root, limit)
     else:
-        raise ValueError(f"--source must be fashion_mnist or folder, got {source!r}")
+        raise ConfigError(f"--source must be fashion_mnist or folder, got {source!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=f".{prefix}-writing-"))  # a failure leaves no shard behind
     try:
         counts = _write_into(staging, prefix, samples, maxcount)
         if not counts:
-            raise ValueError(f"no readable images from --source {source} --root {root}; nothing written")
+            raise ConfigError(f"no readable images from --source {source} --root {root}; nothing written")
         for name in counts:
             (staging / name).replace(out / name)
         (out / f"{prefix}{MANIFEST_SUFFIX}").write_text(json.dumps(counts, indent=1))
+    except FileNotFoundError as e:  # the source is missing: its message names the option
+        raise ConfigError(str(e)) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     count, last = sum(counts.values()), len(counts) - 1
@@ -124,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="write at most N images")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    pattern = write_shards(args.source, args.root, args.split, args.out, args.prefix, args.maxcount, args.limit)
+    with exit_on_user_error():
+        pattern = write_shards(args.source, args.root, args.split, args.out, args.prefix, args.maxcount, args.limit)
     print(pattern)
 
 

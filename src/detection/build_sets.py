@@ -34,6 +34,7 @@ from pycocotools import mask as mask_utils
 
 from src.config import ConfigError, exit_on_user_error
 from src.data.builtin import INSTALL_HINT, fashion_mnist_source, load_fashion_mnist
+from src.data.folder import load_image
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def deepforest_trees(
         raise ConfigError(f"build_args.val_sources {unknown} are not among deepforest's images {sorted(sources)}")
     writers = {split: CocoWriter(out, split, ["Tree"]) for split in SPLITS}
     for stem, (image_path, xml) in sources.items():
-        pixels = np.asarray(Image.open(image_path).convert("RGB"))
+        pixels = np.asarray(load_image(image_path).convert("RGB"))  # 16-bit images scaled, not clipped
         corners = [[float(o.findtext(f"bndbox/{k}")) for k in VOC_BOX] for o in ET.parse(xml).iterfind("object")]
         boxes = np.array(corners).reshape(-1, 4)
         areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
