@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import REPO, TINY
 
+from src.config import ConfigError
 from src.data.distributed import GlobalBatchSampler, RankStrideSampler
 
 pytestmark = pytest.mark.slow
@@ -121,6 +122,8 @@ def test_the_global_batch_is_the_same_samples_at_any_world_size():
     # a resumed epoch starts after the steps its trainer has done, in any layout
     resumed = list(GlobalBatchSampler(100, 8, 2, 1, 1, 3, lambda: (1, 6 + 2)))
     assert resumed == list(GlobalBatchSampler(100, 8, 2, 1, 1, 3, position))[2:]
+    with pytest.raises(ConfigError, match=r"^batch_size=16: the training set has 10 samples .* smaller batch_size"):
+        GlobalBatchSampler(10, 16, 1, 0, 1, 3, position)  # a set smaller than one global batch: named, not a traceback
     assert list(RankStrideSampler(7, 2, 1)) == [1, 3, 5]
 
 

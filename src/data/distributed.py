@@ -29,6 +29,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset, Sampler
 
+from src.config import ConfigError
+
 SampleKey = tuple[int, int]  # (index into the dataset, the sample's seed)
 ORDER_TAG = 0x5EED  # the epoch order's stream: mix_seed of 4 values, where derived generators mix 2
 
@@ -162,9 +164,10 @@ class GlobalBatchSampler(Sampler[list[SampleKey]]):
         self.shuffle, self.repeats = shuffle, repeats
         self.global_batch = batch_size * world_size * accumulate
         if size < self.global_batch:
-            raise ValueError(
-                f"the training set has {size} samples but the global batch is {self.global_batch} "
-                f"(batch_size {batch_size} x {world_size} processes x accumulation {accumulate}): no step fits"
+            raise ConfigError(
+                f"batch_size={batch_size}: the training set has {size} samples but the global batch is "
+                f"{self.global_batch} (batch_size {batch_size} x {world_size} processes x accumulation {accumulate}): "
+                "no step fits; choose a smaller batch_size (or fewer processes, or more data)"
             )
 
     @property
