@@ -5,6 +5,7 @@ names the file, or goes on as the file says; never another exception."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from src.config import ConfigError
+from src.pipeline.loggers import AppendingCSVLogger
+from src.pipeline.report import read_curve
 from src.pipeline.run_folder import (
     CONFIG_FILE,
     FINISHED_FILE,
@@ -96,3 +99,19 @@ def test_any_finished_marker_is_named_or_read(cfg, content: bytes, fields: dict)
                 continue
             if record is not None:  # only a whole record of this run's length reads as finished
                 assert type(record["step"]) is int and marker != content
+
+
+@FUZZ
+@given(content=CONTENT, cut=st.integers(0, 400))
+def test_any_damaged_csv_history_draws_what_it_can_or_is_named(content: bytes, cut: int) -> None:
+    """A history cut by a kill or damaged: the loss curve passes over what it cannot read; resuming names the file."""
+    history = b"epoch,step,train/loss,train/lr\n" + b"".join(b"0,%d,%f,0.1\n" % (s, 1 / (s + 1)) for s in range(20))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "metrics.csv"
+        path.write_bytes(history[:cut] + content)
+        points = read_curve(path, "train/loss")
+        assert all(type(s) is int and math.isfinite(v) for s, v in points)
+        try:
+            AppendingCSVLogger(save_dir=folder, name="", version="").experiment.metrics_file_path  # noqa: B018
+        except ConfigError as e:
+            one_line(e, "metrics.csv")

@@ -64,8 +64,14 @@ class AppendingWriter(ExperimentWriter):
 
     def _check_log_dir_exists(self) -> None:
         if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+            try:
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = sorted(csv.DictReader(f).fieldnames or [])
+            except (UnicodeDecodeError, csv.Error) as e:
+                raise ConfigError(
+                    f"{self.metrics_file_path} cannot be read ({type(e).__name__}): its history would be lost; "
+                    "move the file away to continue this run with a new history, or restore it"
+                ) from None
 
 
 class AppendingCSVLogger(CSVLogger):

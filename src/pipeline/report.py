@@ -6,25 +6,42 @@ Drawn with PIL (already a dependency through torchvision), so no plotting librar
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+log = logging.getLogger(__name__)
 
 WIDTH, HEIGHT, MARGIN = 640, 360, 48
 INK, GRID, LINE = (40, 40, 40), (220, 220, 220), (31, 119, 180)
 
 
 def read_curve(csv_file: Path, key: str) -> list[tuple[int, float]]:
-    """(step, value) of every finite ``key`` entry in a CSV metrics log, in step order."""
+    """(step, value) of every finite ``key`` entry in a CSV metrics log, in step order.
+
+    Rows that do not parse (a line cut by a kill, damage) are passed over with one warning that counts them:
+    the picture of a run never costs the run its results.
+    """
     if not csv_file.is_file():
         return []
-    points = {}
-    with csv_file.open() as f:
-        for row in csv.DictReader(f):
-            value = row.get(key) or ""
-            if value and math.isfinite(float(value)):
-                points[int(row["step"])] = float(value)
+    points, unreadable = {}, 0
+    with csv_file.open(errors="replace", newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                try:
+                    step, value = int(row["step"]), float(row.get(key) or "nan")
+                except (TypeError, ValueError):
+                    unreadable += 1
+                    continue
+                if math.isfinite(value):
+                    points[step] = value
+        except csv.Error as e:
+            log.warning("%s cannot be read past line %d (%s): the loss curve stops there", csv_file, reader.line_num, e)
+    if unreadable:
+        log.warning("%s: %d rows without a readable step or %s were passed over", csv_file, unreadable, key)
     return sorted(points.items())
 
 
