@@ -49,21 +49,60 @@ PRECISIONS = ("auto", *(str(v) for arg in get_args(_PRECISION_INPUT) for v in ge
 ACCELERATORS = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
 STRATEGIES = ("auto", *StrategyRegistry.available_strategies())
 
+
+def _integer(value: Any, at_least: int) -> bool:
+    """An integer of at least ``at_least``; true and false are not (Python counts them as 1 and 0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
+
+def _number(value: Any, above: float) -> bool:
+    """A finite number above ``above``; not a bool, not NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and above < value < float("inf")
+
+
+def _device_indices(value: Any) -> bool:
+    """A list of distinct GPU indices (``trainer.devices=[0,1]``), as Lightning takes it."""
+    indices = list(value) if OmegaConf.is_list(value) or isinstance(value, list) else []
+    return bool(indices) and all(_integer(i, 0) for i in indices) and len(set(indices)) == len(indices)
+
+
+# The weighted kNN vote's settings: one list for the online monitor (``knn.``) and the evaluation (``task.``).
+KNN_RULES: list[Rule] = [
+    ("k", lambda v: _integer(v, 1), "must be a positive integer (the neighbours that vote)"),
+    ("temperature", lambda v: _number(v, 0), "must be a positive number (the votes are exp(sim / T))"),
+    ("every_n_epochs", lambda v: _integer(v, 1), "must be a positive integer"),
+]
+
 # The keys every run shares. Keys absent from a composed config are not checked.
 SHARED_RULES: list[Rule] = [
-    ("batch_size", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
+    ("batch_size", lambda v: _integer(v, 1), "must be a positive integer"),
     ("epochs", lambda v: v > 0, "must be positive"),
     ("warmup_epochs", lambda v: v >= 0, "must be >= 0"),
-    ("num_workers", lambda v: isinstance(v, int) and v >= 0, "must be an integer >= 0"),
-    ("dataset.img_size", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
+    ("num_workers", lambda v: _integer(v, 0), "must be an integer >= 0"),
+    ("dataset.img_size", lambda v: _integer(v, 1), "must be a positive integer"),
     ("resume", lambda v: v in ("auto", True, False), "must be auto, true or false"),
     ("trainer.max_epochs", lambda v: v is None or v == -1 or v >= 1, "must be -1 (no limit) or at least 1"),
-    ("trainer.max_steps", lambda v: v is None or v == -1 or v >= 1, "must be -1 (no limit) or at least 1"),
+    ("trainer.max_steps", lambda v: _integer(v, -1) and v != 0, "must be -1 (no limit) or at least 1"),
     ("trainer.precision", lambda v: str(v) in PRECISIONS, f"must be one of {PRECISIONS}"),
     ("trainer.accelerator", lambda v: v in ACCELERATORS, f"must be one of {ACCELERATORS}"),
     ("trainer.strategy", lambda v: v in STRATEGIES, f"must be one of {STRATEGIES}"),
-    ("max_nonfinite_steps", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-    ("trainer.accumulate_grad_batches", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
+    ("max_nonfinite_steps", lambda v: _integer(v, 1), "must be a positive integer"),
+    ("trainer.accumulate_grad_batches", lambda v: _integer(v, 1), "must be a positive integer"),
+    (
+        "trainer.devices",
+        lambda v: v == "auto" or (_integer(v, -1) and v != 0) or _device_indices(v),
+        "must be auto, a positive integer, -1 (every GPU) or a list of GPU indices such as [0,1]",
+    ),
+    ("trainer.num_nodes", lambda v: _integer(v, 1), "must be a positive integer"),
+    ("trainer.log_every_n_steps", lambda v: _integer(v, 1), "must be a positive integer"),
+    ("trainer.num_sanity_val_steps", lambda v: _integer(v, -1), "must be -1 (all), 0 or more"),
+    ("trainer.gradient_clip_val", lambda v: v is None or _number(v, -1) and v >= 0, "must be null or a number >= 0"),
+    (
+        "trainer.timeout_s",
+        lambda v: _number(v, 0),
+        "must be a positive number of seconds (how long a rank waits for the others in a collective)",
+    ),
+    *((f"knn.{key}", ok, requirement) for key, ok, requirement in KNN_RULES),
 ]
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
+
+from src.config import ConfigError
 
 
 @torch.no_grad()
@@ -35,17 +38,36 @@ def knn_predict(
 ) -> torch.Tensor:
     """Class scores (Q, num_classes): the k most cosine-similar bank items vote with exp(sim / T).
 
-    Features must be L2-normalised already, so a dot product is the cosine similarity.
+    Features must be L2-normalised already, so a dot product is the cosine similarity. Each query's votes are
+    scaled by exp(-max sim / T), which ranks its classes alike and keeps a small T finite: exp(1 / 0.01)
+    overflows float32, and votes that are all inf tie every class. The bank must hold at least k items
+    (``check_bank``).
     """
-    k = min(k, bank.shape[0])
     scores = []
     for start in range(0, queries.shape[0], chunk):
         sim = queries[start : start + chunk] @ bank.T
         top_sim, top_idx = sim.topk(k, dim=1)
         votes = torch.zeros(top_idx.shape[0], num_classes, dtype=sim.dtype)
-        votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())
+        weights = ((top_sim - top_sim[:, :1]).double() / temperature).exp()  # float64: T below float32's range
+        votes.scatter_add_(1, bank_labels[top_idx], weights.to(votes.dtype))
         scores.append(votes)
     return torch.cat(scores)
+
+
+def check_bank(k: int, bank_size: int, key: str) -> None:
+    """A vote of k neighbours needs k of them: a smaller bank would quietly let fewer vote than the config says."""
+    if k > bank_size:
+        raise ConfigError(
+            f"{key}={k} is more neighbours than the kNN bank holds ({bank_size} images): use {key}<={bank_size} "
+            "or a larger dataset.knn_bank"
+        )
+
+
+def check_configured_bank(k: int, dataset: DictConfig, key: str) -> None:
+    """``check_bank`` before any work, where ``dataset.knn_bank`` gives a count (null: all, counted once read)."""
+    bank = dataset.get("knn_bank")
+    if isinstance(bank, int):
+        check_bank(k, bank, key)
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> int:

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset
 
-from src.config import ConfigError, check_rules
+from src.config import KNN_RULES, ConfigError, check_rules
 from src.data.datamodule import ImageDataModule
 from src.evaluation.gather import gather_strided
-from src.evaluation.knn import knn_predict, topk_hits
+from src.evaluation.knn import check_bank, check_configured_bank, knn_predict, topk_hits
 from src.methods.base import TrainingMethod, encoder_from_config
 from src.methods.classify import resolve_encoder_from_init, start_encoder
 
@@ -75,14 +75,8 @@ class KNNEvaluation(TrainingMethod):
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
-        check_rules(
-            cfg.task,
-            "task",
-            [
-                ("k", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-                ("temperature", lambda v: v > 0, "must be positive"),
-            ],
-        )
+        check_rules(cfg.task, "task", KNN_RULES)
+        check_configured_bank(cfg.task.k, cfg.dataset, "task.k")
         if cfg.dataset.get("num_classes") is None:
             raise ConfigError(f"task=knn needs dataset.num_classes (dataset={cfg.dataset.name})")
         with torch.device("meta"):
@@ -120,6 +114,7 @@ class KNNEvaluation(TrainingMethod):
         """Gathers the bank, scores this rank's queries, and logs the hit counts summed over the ranks."""
         world = self.trainer.world_size
         bank_labels = gather_strided(torch.cat(self.labels[BANK]), world).cpu()
+        check_bank(self.k, len(bank_labels), "task.k")  # the bank read, counted alike on every rank
         query_labels = torch.cat(self.labels[QUERIES]).cpu()
         prefixes = {"encoder": "knn/", "pixels": "knn/pixels_"}
         scored = [name for name in prefixes if self.features[name][BANK]]

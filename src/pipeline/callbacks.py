@@ -16,7 +16,7 @@ from torchvision.utils import make_grid, save_image
 
 from src.config import RunStopped
 from src.evaluation.confusion import confusion_picture
-from src.evaluation.knn import RawPixels, knn_accuracy
+from src.evaluation.knn import RawPixels, check_bank, knn_accuracy
 from src.methods.optim import skips_on_found_inf
 from src.pipeline.report import side_by_side
 
@@ -108,6 +108,17 @@ class KNNMonitor(L.Callback):
     @property
     def results(self) -> dict[str, float]:
         return self.baselines | self.last
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """The bank must hold k images: checked on every rank before the first step, not on rank zero alone."""
+        loaders = trainer.datamodule.knn_dataloaders()
+        if loaders is None:
+            return
+        try:
+            size = len(loaders[0].dataset)
+        except TypeError:  # one pass over shards without a count: its size shows only once read
+            return
+        check_bank(self.k, size, "knn.k")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.current_epoch == 0 and trainer.global_step == 0:

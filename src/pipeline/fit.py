@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError, validate
+from src.evaluation.knn import check_configured_bank
 from src.export import export_run, pickle_allowed, pickle_permissions
 from src.methods import method_class
 from src.methods.base import TrainingMethod
@@ -44,7 +45,13 @@ from src.pipeline.run_folder import (
     run_lock,
     write_atomically,
 )
-from src.pipeline.strategy import build_strategy, cluster_plugins, maybe_compile
+from src.pipeline.strategy import (
+    build_strategy,
+    check_trainer,
+    cluster_plugins,
+    maybe_compile,
+    stopped_ranks_end_the_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +119,7 @@ def build_trainer(
     """
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs.pop("fsdp", None)
+    trainer_kwargs.pop("timeout_s", None)
     maybe_compile(module, bool(trainer_kwargs.pop("compile", False)))
     trainer_kwargs["precision"] = resolve_precision(cfg.trainer)
     trainer_kwargs["strategy"] = build_strategy(cfg, module)
@@ -142,6 +150,9 @@ def check_pickle_permission(cfg: DictConfig) -> None:
 def prepare(cfg: DictConfig) -> type[TrainingMethod]:
     """Everything checked before any work: shared keys, then the method's own; the method may settle the config."""
     validate(cfg)
+    check_trainer(cfg)
+    if cfg.get("knn") is not None:  # the monitor's bank, as task=knn checks its own
+        check_configured_bank(cfg.knn.k, cfg.dataset, "knn.k")
     check_pickle_permission(cfg)
     check_logger(cfg)
     method = method_class(cfg.method)
@@ -157,17 +168,18 @@ def run(cfg: DictConfig) -> RunResult:
     """
     single_log_stream()
     method = prepare(cfg)
-    run_dir = run_folder(cfg)
-    if rank_zero_only.rank != 0:  # decides as rank zero does: the marker is gone before rank zero changes anything
-        finished = finished_run(run_dir, cfg)
-        return RunResult.recorded(run_dir, finished) if finished else fit(cfg, method, run_dir)
-    check_writable(run_dir)
-    with run_lock(run_dir, takeover=bool(cfg.get("takeover", False))):
-        check_same_run(run_dir, cfg)
-        finished = finished_run(run_dir, cfg)
-        if finished is not None:
-            return RunResult.recorded(run_dir, finished)
-        return fit(cfg, method, run_dir)
+    with stopped_ranks_end_the_run(cfg.trainer):
+        run_dir = run_folder(cfg)
+        if rank_zero_only.rank != 0:  # decides as rank zero does: the marker is gone before rank zero changes anything
+            finished = finished_run(run_dir, cfg)
+            return RunResult.recorded(run_dir, finished) if finished else fit(cfg, method, run_dir)
+        check_writable(run_dir)
+        with run_lock(run_dir, takeover=bool(cfg.get("takeover", False))):
+            check_same_run(run_dir, cfg)
+            finished = finished_run(run_dir, cfg)
+            if finished is not None:
+                return RunResult.recorded(run_dir, finished)
+            return fit(cfg, method, run_dir)
 
 
 def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResult:
@@ -177,7 +189,7 @@ def fit(cfg: DictConfig, method: type[TrainingMethod], run_dir: Path) -> RunResu
     if rank_zero_only.rank == 0:
         (run_dir / FINISHED_FILE).unlink(missing_ok=True)  # a longer run: its old results are no longer whole
         record_run(run_dir, cfg)
-    log_to_file(run_dir)
+        log_to_file(run_dir)  # rank zero's: another rank may start before the folder exists
 
     datamodule = method.build_data(cfg)  # data first: a wrong path fails before any model is built
     module = method.from_config(cfg)

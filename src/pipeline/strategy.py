@@ -1,27 +1,51 @@
 """How a run is laid out beyond one process: the Trainer's strategy (FSDP over transformer blocks), SLURM's
-requeue signal, and torch.compile of the blocks.
+requeue signal, torch.compile of the blocks, and what this machine can run at all.
 
 Every method keeps its encoder at ``module.encoder``, so the transformer blocks are found the same way for ViT,
 BEiT and Pale (whose blocks sit in stages) and for MAE's decoder; no encoder or method is named here.
+
+``check_trainer`` refuses, before any work, a ``trainer`` section that Lightning would only refuse once the data
+and the model are built (a GPU that is not there, fp16 autocast on the CPU, a compiler torch.compile lacks).
+Every strategy that talks between processes gets ``trainer.timeout_s``: a collective that a rank never joins
+ends the run after that long, and ``stopped_ranks_end_the_run`` says which rank stopped answering.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import re
 import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from importlib.util import find_spec
 
+import torch
+import torch.distributed as dist
+from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from src.config import ConfigError
+from src.config import ConfigError, RunStopped
 
 log = logging.getLogger(__name__)
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")  # HYBRID_* need process groups we do not build
 CONTAINERS = (nn.Sequential, nn.ModuleList)
+# Strategies whose name holds the key run on that accelerator only.
+STRATEGY_ACCELERATORS = {"fsdp": "cuda", "xla": "tpu", "tpu": "tpu"}
+ON_THE_CPU = "use trainer=default for this machine's CPU, or trainer=cpu_ddp for several CPU processes"
+# What gloo, NCCL and the rendezvous store say when a peer did not answer within the process group's timeout.
+TIMED_OUT = re.compile(
+    r"[Tt]imed out (waiting|after)|Application timeout caused pair closure|Watchdog caught collective operation timeout"
+)
 
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
@@ -44,11 +68,151 @@ def block_classes(module: nn.Module) -> set[type[nn.Module]]:
     return classes
 
 
+def resolved_accelerator(trainer: DictConfig) -> str:
+    """The accelerator Lightning will run on, chosen as Lightning chooses it (``gpu``: MPS, else CUDA)."""
+    name = trainer.accelerator
+    if name == "auto":
+        return next((n for n in ("tpu", "mps", "cuda") if AcceleratorRegistry[n]["accelerator"].is_available()), "cpu")
+    if name == "gpu":
+        return "mps" if AcceleratorRegistry["mps"]["accelerator"].is_available() else "cuda"
+    return name
+
+
+def processes(trainer: DictConfig, accelerator: str) -> int:
+    """Processes of the run over all nodes: ``devices`` per node (auto and -1: every device there) times nodes."""
+    devices = trainer.devices
+    if devices in ("auto", -1):
+        devices = AcceleratorRegistry[accelerator]["accelerator"].auto_device_count()
+    per_node = devices if isinstance(devices, int) else len(devices)
+    return per_node * trainer.num_nodes
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """Refuse, before any work, a trainer this machine cannot run: each error names the key and the way out."""
+    trainer = cfg.trainer
+    accelerator = resolved_accelerator(trainer)
+    check_devices(trainer, accelerator)
+    check_strategy(trainer, accelerator)
+    check_precision(str(trainer.precision), accelerator)
+    if trainer.get("compile", False):
+        check_compile(accelerator)
+
+
+def check_devices(trainer: DictConfig, accelerator: str) -> None:
+    """The accelerator must be here, with as many devices as ``trainer.devices`` asks; on the CPU, a count."""
+    available = AcceleratorRegistry[accelerator]["accelerator"]
+    if not available.is_available():
+        chosen = " (as trainer=gpu and trainer=fsdp set it)" if trainer.accelerator == "gpu" else ""
+        raise ConfigError(
+            f"trainer.accelerator={trainer.accelerator}{chosen} needs a {accelerator} device, and torch finds none "
+            f"on this machine: {ON_THE_CPU}"
+        )
+    devices, count = trainer.devices, available.auto_device_count()
+    if accelerator == "cpu":  # CPU devices are processes: as many as asked
+        if not (devices == "auto" or (isinstance(devices, int) and devices >= 1)):
+            raise ConfigError(
+                f"trainer.devices={devices} names GPUs, and this run is on the CPU: give a number of CPU processes, "
+                "e.g. trainer.devices=2"
+            )
+        return
+    wanted = devices if isinstance(devices, int) else 0 if devices == "auto" else max(devices) + 1  # -1: all
+    if wanted > count:
+        raise ConfigError(
+            f"trainer.devices={devices} but this machine has {count} {accelerator} device(s): use at most "
+            f"trainer.devices={count} (auto: all of them), and trainer.num_nodes for more machines"
+        )
+
+
+def check_strategy(trainer: DictConfig, accelerator: str) -> None:
+    """The strategy must run on this accelerator, over this many processes, with the packages it needs."""
+    name = trainer.strategy
+    needed = next((acc for part, acc in STRATEGY_ACCELERATORS.items() if part in name), accelerator)
+    if needed != accelerator:
+        way_out = "trainer=cpu_ddp on the CPU" if accelerator == "cpu" else "trainer=ddp"
+        raise ConfigError(
+            f"trainer.strategy={name} runs on {needed} devices only, and this run is on {accelerator}: use {way_out}"
+        )
+    if name not in StrategyRegistry:
+        return
+    count = processes(trainer, accelerator)
+    if issubclass(StrategyRegistry[name]["strategy"], SingleDeviceStrategy) and count > 1:
+        raise ConfigError(
+            f"trainer.strategy={name} runs one process, and trainer.devices={trainer.devices} x "
+            f"trainer.num_nodes={trainer.num_nodes} asks for {count}: use trainer.strategy=ddp, or trainer.devices=1"
+        )
+    try:
+        with_timeout(name, trainer)  # as build_strategy builds it: refuses a package that is missing (deepspeed)
+    except (MisconfigurationException, ImportError) as e:
+        raise ConfigError(f"trainer.strategy={name}: {str(e).splitlines()[0]}") from None
+
+
+def check_precision(precision: str, accelerator: str) -> None:
+    """fp16 autocast is not on the CPU (Lightning quietly runs bf16 instead); Transformer Engine is NVIDIA's."""
+    if precision in ("16", "16-mixed") and accelerator == "cpu":
+        raise ConfigError(
+            f"trainer.precision={precision} is fp16 autocast, which the CPU does not have (Lightning would run "
+            "bf16-mixed instead): use trainer.precision=bf16-mixed or 32-true on the CPU"
+        )
+    if precision.startswith("transformer-engine") and (accelerator != "cuda" or not find_spec("transformer_engine")):
+        raise ConfigError(
+            f"trainer.precision={precision} needs CUDA GPUs and NVIDIA's transformer_engine package (this run: "
+            f"{accelerator}, package {'found' if find_spec('transformer_engine') else 'missing'}): use bf16-mixed"
+        )
+
+
+def check_compile(accelerator: str) -> None:
+    """torch.compile fails at the first step without what it needs here: say so before any work."""
+    if not torch._dynamo.is_dynamo_supported():
+        raise ConfigError(
+            f"trainer.compile=true: torch.compile does not run on Python {sys.version.split()[0]} with torch "
+            f"{torch.__version__}: use trainer.compile=false"
+        )
+    if accelerator == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError(
+                "trainer.compile=true on a GPU needs triton: pip install triton, or trainer.compile=false"
+            )
+    elif accelerator == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except RuntimeError as e:
+            raise ConfigError(
+                f"trainer.compile=true on the CPU needs a C++ compiler ({str(e).splitlines()[0]}): install one "
+                "(g++), set CXX to it, or use trainer.compile=false"
+            ) from None
+
+
 def build_strategy(cfg: DictConfig, module: nn.Module) -> str | Strategy:
-    """What the Trainer gets as ``strategy``: an FSDPStrategy over the module's blocks for ``fsdp``, else the name."""
-    name = cfg.trainer.strategy
-    if name != "fsdp":
-        return name
+    """What the Trainer gets as ``strategy``: every strategy between processes waits ``trainer.timeout_s`` at most.
+
+    ``fsdp`` shards the module's blocks; ``auto`` over several processes is Lightning's own choice then, ``ddp``.
+    """
+    trainer = cfg.trainer
+    name = trainer.strategy
+    if name == "auto" and processes(trainer, resolved_accelerator(trainer)) > 1:
+        name = "ddp"
+    if name == "fsdp":
+        return fsdp_strategy(cfg, module)
+    return with_timeout(name, trainer) or name
+
+
+def with_timeout(name: str, trainer: DictConfig) -> Strategy | None:
+    """The registered strategy ``name``, waiting ``trainer.timeout_s`` at most for the other processes; None for
+    one that takes no timeout (one process: auto, single_device; no torch process group: xla)."""
+    if name not in StrategyRegistry:  # auto
+        return None
+    entry = StrategyRegistry[name]  # not .get(): the registry's get builds the strategy
+    if "timeout" not in inspect.signature(entry["strategy"]).parameters:
+        return None
+    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=float(trainer.timeout_s)))
+
+
+def fsdp_strategy(cfg: DictConfig, module: nn.Module) -> FSDPStrategy:
+    """An FSDPStrategy with one unit (and one activation checkpoint) per transformer block of the module."""
     options = OmegaConf.select(cfg, "trainer.fsdp", default=None) or {}
     sharding = options.get("sharding_strategy", "FULL_SHARD")
     if sharding not in SHARDING_STRATEGIES:
@@ -59,7 +223,52 @@ def build_strategy(cfg: DictConfig, module: nn.Module) -> str | Strategy:
         auto_wrap_policy=classes,
         activation_checkpointing_policy=classes if options.get("activation_checkpointing", True) else None,
         sharding_strategy=sharding,
+        timeout=timedelta(seconds=float(cfg.trainer.timeout_s)),
     )
+
+
+def silent_ranks(grace_s: float) -> list[int] | None:
+    """The ranks that do not say they are alive within ``grace_s``, asked through the rendezvous store.
+
+    Every rank that saw a collective time out writes its key; the ranks whose key never comes are the ones that
+    stopped. None when the store itself does not answer (the process that holds it stopped).
+    """
+    store = dist.distributed_c10d._get_default_store()
+    keys = [f"answering/{rank}" for rank in range(dist.get_world_size())]
+    try:
+        store.set_timeout(timedelta(seconds=grace_s))
+        store.set(keys[dist.get_rank()], "1")
+        deadline = time.monotonic() + grace_s
+        while not store.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [rank for rank, key in enumerate(keys) if not store.check([key])]
+    except RuntimeError:  # DistStoreError: the store timed out too
+        return None
+
+
+@contextmanager
+def stopped_ranks_end_the_run(trainer: DictConfig) -> Iterator[None]:
+    """A collective or a rendezvous that timed out ends the run with one line naming who stopped answering.
+
+    The process group's timeout (``trainer.timeout_s``) bounds every wait, the start included; this turns gloo's,
+    NCCL's or the store's timeout error into ``RunStopped``. The checkpoints written so far stay, so the same
+    command resumes the run.
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        joined = dist.is_initialized()
+        if not (TIMED_OUT.search(str(e)) and (joined or isinstance(e, dist.DistError))):
+            raise
+        resume = "the run can be resumed with the same command"
+        if not joined:
+            raise RunStopped(
+                f"the processes did not all meet within trainer.timeout_s={trainer.timeout_s} at the start "
+                f"({str(e).splitlines()[0]}): every process must reach the rendezvous within it; {resume}"
+            ) from None
+        ranks = silent_ranks(min(float(trainer.timeout_s) / 4, 5.0))  # the live ranks time out together
+        who = f"rank {', '.join(map(str, ranks))}" if ranks else "a rank (the rendezvous store could not tell which)"
+        raise RunStopped(f"{who} stopped answering within trainer.timeout_s={trainer.timeout_s}: {resume}") from None
 
 
 def maybe_compile(module: nn.Module, enabled: bool) -> None:
