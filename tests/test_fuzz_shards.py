@@ -26,7 +26,7 @@ from src.config import ConfigError, RunStopped
 from src.data import EvalTransform, build_datamodule
 from src.data.write_shards import write_shards
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset" / "shards.yaml"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "shards.yaml"
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # or scikit-learn's digits where it is not installed
 SAMPLES = 6
 SHARD, MANIFEST = "train-000000.tar", "train-shards.json"

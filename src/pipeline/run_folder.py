@@ -208,9 +208,12 @@ def run_length(cfg: DictConfig) -> dict[str, Any]:
 
 
 def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
-    """What a finished run of the same length recorded (``finished.json``), or None if it has to (go on) run."""
+    """What a finished run of the same length recorded (``finished.json``), or None if it has to (go on) run.
+
+    ``resume=false`` asks for a fresh run: the folder's checkpoint refuses it, not its old results.
+    """
     marker = run_dir / FINISHED_FILE
-    if not marker.is_file():
+    if not marker.is_file() or cfg.get("resume") is False:
         return None
     record = load_recorded(marker)
     if record.get("length") != run_length(cfg):
