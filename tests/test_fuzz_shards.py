@@ -117,13 +117,6 @@ def cut_or_overwritten(draw: st.DrawFn, data: bytes) -> bytes:
     return data[:at] + junk + data[at + (len(junk) if kind == "overwrite" else 0) :]
 
 
-@FUZZ
-@given(data=st.data(), keep_manifest=st.booleans())
-def test_cut_and_overwritten_shards(valid, data, keep_manifest):
-    shard = data.draw(cut_or_overwritten(valid.data))
-    one_pass(shard, json.dumps({SHARD: SAMPLES}) if keep_manifest else None)
-
-
 # ---- the tar's members --------------------------------------------------------------------------------------------
 HOSTILE_LABELS = st.one_of(
     st.sampled_from([b"-1", b"-7", b"10", b"nan", b"inf", b"1e9", b"3.5", b"", b" ", b"9" * 5000, b"1" * 19]),
@@ -164,10 +157,15 @@ def rebuilt(draw: st.DrawFn, members: list[tuple[tarfile.TarInfo, bytes]]) -> by
     return buffer.getvalue()
 
 
+@pytest.mark.parametrize(
+    "mutated",
+    [lambda shard: cut_or_overwritten(shard.data), lambda shard: rebuilt(shard.members)],
+    ids=["cut_or_overwritten_bytes", "hostile_members"],
+)
 @FUZZ
 @given(data=st.data(), keep_manifest=st.booleans())
-def test_shards_with_hostile_members(valid, data, keep_manifest):
-    shard = data.draw(rebuilt(valid.members))
+def test_mutated_shards(valid, mutated, data, keep_manifest):
+    shard = data.draw(mutated(valid))
     one_pass(shard, json.dumps({SHARD: SAMPLES}) if keep_manifest else None)
 
 
