@@ -250,7 +250,7 @@ def read_checkpoint(path: str | Path, kind: str, allow_pickle: bool = False) -> 
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ConfigError(f"init.checkpoint={path} holds no state dict (a mapping of names to tensors)")
     hparams = (raw.get("hyper_parameters") if kind == "lightning" else None) or {}
-    recorded = hparams.get("encoder_config") if isinstance(hparams, dict) else "none"
+    recorded = hparams.get("encoder_config") if isinstance(hparams, dict) else hparams
     if recorded is not None and not (isinstance(recorded, dict) and isinstance(recorded.get("arch"), str)):
         raise ConfigError(f"init.checkpoint={path}: its hyper_parameters record no encoder_config with an arch")
     return kind, state, dict(hparams)
