@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY, compose_config
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from src.config import ConfigError
@@ -103,6 +103,7 @@ def test_any_finished_marker_is_named_or_read(cfg, content: bytes, fields: dict)
 
 @FUZZ
 @given(content=CONTENT, cut=st.integers(0, 400))
+@example(content=b"\r\x00", cut=0)  # a header without a step column (found by this test)
 def test_any_damaged_csv_history_draws_what_it_can_or_is_named(content: bytes, cut: int) -> None:
     """A history cut by a kill or damaged: the loss curve passes over what it cannot read; resuming names the file."""
     history = b"epoch,step,train/loss,train/lr\n" + b"".join(b"0,%d,%f,0.1\n" % (s, 1 / (s + 1)) for s in range(20))

@@ -32,7 +32,7 @@ def read_curve(csv_file: Path, key: str) -> list[tuple[int, float]]:
         try:
             for row in reader:
                 try:
-                    step, value = int(row["step"]), float(row.get(key) or "nan")
+                    step, value = int(row.get("step")), float(row.get(key) or "nan")
                 except (TypeError, ValueError):
                     unreadable += 1
                     continue
