@@ -38,7 +38,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
-from src.encoders.loading import follow_umask
+from src.encoders.loading import first_line, follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,9 @@ def load_recorded(path: Path) -> Any:
     try:
         value = OmegaConf.load(path) if path.suffix == ".yaml" else json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(
-            f"{path} cannot be read ({type(e).__name__}: {reason[:200]}): the run folder is damaged; restore the file "
-            "or start the run again in a new run_name"
+            f"{path} cannot be read ({first_line(e)}): the run folder is damaged; restore the file or start the run "
+            "again in a new run_name"
         ) from None
     if not isinstance(value, (DictConfig, dict)) or not value:
         raise ConfigError(f"{path} holds no mapping: the run folder is damaged; restore the file or use a new run_name")
