@@ -29,6 +29,7 @@ demo: install
 	$(BIN)/python -m src.pretrain objective=mae encoder=vit_b
 
 test: install
+	$(BIN)/lint-imports  # the layers of src/ only point down (pyproject.toml: [tool.importlinter])
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -1,21 +1,24 @@
 """Checks that make a typo or an impossible value fail before any work, naming the key.
 
-``validate`` checks the keys every run shares, once; each method checks its own section
-(``TrainingMethod.check_config``) with the same ``check_rules``.
+Types live in the schema (src/schema.py): every front door composes its config onto dataclasses, so a key that
+does not exist or a value of the wrong type fails in composition, naming the key. What a type cannot say (a
+range, a set of names) is a ``Check`` in the field's metadata; ``validate`` runs them all once
+(``check_schema``). Rules that span several keys stay with their owners: ``TrainingMethod.check_config``, the
+data kinds.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, get_args
+from dataclasses import dataclass
+from typing import Any
 
-from lightning.fabric.connector import _PRECISION_INPUT
-from lightning.pytorch.accelerators import AcceleratorRegistry
-from lightning.pytorch.strategies import StrategyRegistry
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 
 class UserError(Exception):
@@ -41,92 +44,93 @@ def exit_on_user_error() -> Iterator[None]:
         sys.exit(f"run stopped: {e}")
 
 
-_ABSENT = object()
-Rule = tuple[str, Callable[[Any], bool], str]  # (key, predicate, what the value must be)
+# ---- what a schema field must be beyond its type -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Check:
+    """``ok(value)``, else ``requirement`` ends the message; a callable requirement lists a registry when asked."""
 
-# What Lightning accepts as a precision (its own type), plus our "auto"; accelerators and strategies by name.
-PRECISIONS = ("auto", *(str(v) for arg in get_args(_PRECISION_INPUT) for v in get_args(arg)))
-ACCELERATORS = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
-STRATEGIES = ("auto", *StrategyRegistry.available_strategies())
+    ok: Callable[[Any], bool]
+    requirement: str | Callable[[], str]
 
-
-def _integer(value: Any, at_least: int) -> bool:
-    """An integer of at least ``at_least``; true and false are not (Python counts them as 1 and 0)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+    def says(self) -> str:
+        return self.requirement() if callable(self.requirement) else self.requirement
 
 
-def _number(value: Any, above: float) -> bool:
-    """A finite number above ``above``; not a bool, not NaN."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and above < value < float("inf")
+def setting(check: Check, default: Any = MISSING) -> Any:
+    """A schema field the walker checks; without a default, the YAML file must set it."""
+    return dataclasses.field(default=default, metadata={"check": check})
 
 
-def _device_indices(value: Any) -> bool:
-    """A list of distinct GPU indices (``trainer.devices=[0,1]``), as Lightning takes it."""
-    indices = list(value) if OmegaConf.is_list(value) or isinstance(value, list) else []
-    return bool(indices) and all(_integer(i, 0) for i in indices) and len(set(indices)) == len(indices)
+def _said(requirement: str, why: str) -> str:
+    return f"{requirement} ({why})" if why else requirement
 
 
-# The weighted kNN vote's settings: one list for the online monitor (``knn.``) and the evaluation (``task.``).
-KNN_RULES: list[Rule] = [
-    ("k", lambda v: _integer(v, 1), "must be a positive integer (the neighbours that vote)"),
-    ("temperature", lambda v: _number(v, 0), "must be a positive number (the votes are exp(sim / T))"),
-    ("every_n_epochs", lambda v: _integer(v, 1), "must be a positive integer"),
-]
-
-# The keys every run shares. Keys absent from a composed config are not checked.
-SHARED_RULES: list[Rule] = [
-    ("batch_size", lambda v: _integer(v, 1), "must be a positive integer"),
-    ("epochs", lambda v: v > 0, "must be positive"),
-    ("warmup_epochs", lambda v: v >= 0, "must be >= 0"),
-    ("num_workers", lambda v: _integer(v, 0), "must be an integer >= 0"),
-    ("dataset.img_size", lambda v: _integer(v, 1), "must be a positive integer"),
-    ("resume", lambda v: v in ("auto", True, False), "must be auto, true or false"),
-    ("trainer.max_epochs", lambda v: v is None or v == -1 or v >= 1, "must be -1 (no limit) or at least 1"),
-    ("trainer.max_steps", lambda v: _integer(v, -1) and v != 0, "must be -1 (no limit) or at least 1"),
-    ("trainer.precision", lambda v: str(v) in PRECISIONS, f"must be one of {PRECISIONS}"),
-    ("trainer.accelerator", lambda v: v in ACCELERATORS, f"must be one of {ACCELERATORS}"),
-    ("trainer.strategy", lambda v: v in STRATEGIES, f"must be one of {STRATEGIES}"),
-    ("max_nonfinite_steps", lambda v: _integer(v, 1), "must be a positive integer"),
-    ("trainer.accumulate_grad_batches", lambda v: _integer(v, 1), "must be a positive integer"),
-    (
-        "trainer.devices",
-        lambda v: v == "auto" or (_integer(v, -1) and v != 0) or _device_indices(v),
-        "must be auto, a positive integer, -1 (every GPU) or a list of GPU indices such as [0,1]",
-    ),
-    ("trainer.num_nodes", lambda v: _integer(v, 1), "must be a positive integer"),
-    ("trainer.log_every_n_steps", lambda v: _integer(v, 1), "must be a positive integer"),
-    ("trainer.num_sanity_val_steps", lambda v: _integer(v, -1), "must be -1 (all), 0 or more"),
-    ("trainer.gradient_clip_val", lambda v: v is None or _number(v, -1) and v >= 0, "must be null or a number >= 0"),
-    (
-        "trainer.timeout_s",
-        lambda v: _number(v, 0),
-        "must be a positive number of seconds (how long a rank waits for the others in a collective)",
-    ),
-    *((f"knn.{key}", ok, requirement) for key, ok, requirement in KNN_RULES),
-]
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_rules(node: DictConfig, prefix: str, rules: list[Rule]) -> None:
-    """Apply ``rules`` to the keys of ``node`` that are present; a failure names ``prefix.key``."""
-    for key, ok, requirement in rules:
-        value = OmegaConf.select(node, key, default=_ABSENT)
-        if value is _ABSENT:
-            continue
-        try:
-            valid = ok(value)
-        except TypeError:
-            valid = False
-        if not valid:
-            raise ConfigError(f"{prefix + '.' if prefix else ''}{key}={value!r} {requirement}")
+def at_least(low: float, why: str = "") -> Check:
+    return Check(lambda v: _number(v) and v >= low, _said(f"must be >= {low}", why))
+
+
+def above(low: float, why: str = "") -> Check:
+    return Check(lambda v: _number(v) and v > low, _said(f"must be > {low}", why))
+
+
+def between(low: float, high: float, bounds: str = "[]", why: str = "") -> Check:
+    """``bounds`` as an interval is written: "[)" takes ``low`` and leaves out ``high``."""
+    low_in, high_in = bounds[0] == "[", bounds[1] == "]"
+    return Check(
+        lambda v: _number(v) and (v >= low if low_in else v > low) and (v <= high if high_in else v < high),
+        _said(f"must be in {bounds[0]}{low}, {high}{bounds[1]}", why),
+    )
+
+
+def one_of(choices: Sequence[Any] | Callable[[], Sequence[Any]], why: str = "") -> Check:
+    """A value from ``choices``; a callable is a registry, asked only when a config is checked."""
+    listed = choices if callable(choices) else lambda: tuple(choices)
+    return Check(lambda v: v in listed(), lambda: _said(f"must be one of {tuple(listed())}", why))
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, ListConfig):
+        return all(_finite(item) for item in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _passes(check: Check, value: Any) -> bool:
+    try:
+        return bool(check.ok(value))
+    except TypeError:  # a value of another shape than the check reads (a list where a pair is expected)
+        return False
+
+
+def check_schema(node: DictConfig, prefix: str = "") -> None:
+    """Every number finite, and every field's ``Check`` (read from the dataclass each node was composed onto)
+    passed; the first failure is a ConfigError naming its full key. Null values are the schema's to allow."""
+    schema = OmegaConf.get_type(node)
+    fields = dataclasses.fields(schema) if dataclasses.is_dataclass(schema) else ()
+    checks = {f.name: f.metadata["check"] for f in fields if "check" in f.metadata}
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if not _finite(value):
+            raise ConfigError(f"{path}={value!r} must be finite")
+        check = checks.get(key)
+        if check is not None and value is not None and not _passes(check, value):
+            raise ConfigError(f"{path}={value!r} {check.says()}")
+        if isinstance(value, DictConfig):
+            check_schema(value, f"{path}.")
 
 
 def validate(cfg: DictConfig) -> None:
-    """Resolve every interpolation, refuse missing mandatory values, then check the shared keys."""
+    """Resolve every interpolation, refuse missing mandatory values, then run the schema's checks."""
     try:
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as e:
         raise ConfigError(f"missing value for '{e.full_key}': set it, e.g. {e.full_key}=...") from None
-    check_rules(cfg, "", SHARED_RULES)
+    except OmegaConfBaseException as e:  # an interpolation that resolves to a value of the wrong type
+        raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
+    check_schema(cfg)
 
 
 def check_grid(encoder: Any, img_size: int, key: str = "dataset.img_size") -> tuple[int, int]:
@@ -135,3 +139,34 @@ def check_grid(encoder: Any, img_size: int, key: str = "dataset.img_size") -> tu
         return encoder.grid_size(img_size)
     except ValueError as e:
         raise ConfigError(f"{key}={img_size}: {e}") from None
+
+
+# ---- what a front door offers ----------------------------------------------------------------------------------
+# Config groups that composition picks by itself, never a user's choice: ``combo``, sizes for one objective x
+# encoder x dataset (conf/pretrain/pretrain.yaml), such as the demo's. The pipeline names the file it applied.
+AUTOMATIC_GROUPS = ("combo",)
+
+
+def user_choices() -> str:
+    """``group: option, ...`` for each config group a user chooses from, as a front door's ``--help`` lists them
+    (conf/hydra/help/choices.yaml); Hydra's own list would offer ``AUTOMATIC_GROUPS`` too."""
+    from hydra.core.global_hydra import GlobalHydra  # only --help asks, once Hydra has started
+
+    hydra = GlobalHydra.instance()
+    if not hydra.is_initialized():  # a config with its hydra node resolved outside a front door: nothing to list
+        return ""
+    loader = hydra.config_loader()
+
+    def groups(parent: str) -> Iterator[str]:
+        for name in loader.list_groups(parent):
+            group = f"{parent}/{name}" if parent else name
+            if group == "hydra" or group in AUTOMATIC_GROUPS:
+                continue
+            if loader.get_group_options(group):
+                yield group
+            yield from groups(group)
+
+    return "\n".join(f"{g}: {', '.join(sorted(loader.get_group_options(g)))}" for g in sorted(groups("")))
+
+
+OmegaConf.register_new_resolver("user_choices", user_choices)

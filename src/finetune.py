@@ -1,4 +1,4 @@
-"""Front door: `python -m src.finetune task=classify|linear|knn init.checkpoint=PATH [recipe=...]`."""
+"""Front door: `python -m src.finetune objective=classify|linear|knn init.checkpoint=PATH [recipe=...]`."""
 
 from __future__ import annotations
 
@@ -6,15 +6,18 @@ import hydra
 from omegaconf import DictConfig
 
 from src.config import exit_on_user_error
+from src.schema import register_schemas
 
 
 @hydra.main(version_base="1.3", config_path="../conf/finetune", config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    from src.pipeline.fit import run, summary  # heavy imports after Hydra has parsed the command line
+    from src.pipeline.fit import run, shown_config  # heavy imports after Hydra has parsed the command line
+    from src.pipeline.summary import summary
 
     with exit_on_user_error():
-        print(summary(run(cfg)))
+        print(shown_config(cfg) if cfg.show_config else summary(run(cfg)))
 
 
 if __name__ == "__main__":
+    register_schemas()  # the YAML files name their schemas
     main()

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from hypothesis import settings
 from omegaconf import DictConfig
+
+from src.schema import register_schemas
 
 # The fuzz tests draw the same examples on every run, so that CI never fails by chance; a search for new faults
 # draws fresh ones: `pytest tests/test_fuzz_*.py --hypothesis-profile=random` (a failure prints its example).
 settings.register_profile("deterministic", derandomize=True)
 settings.register_profile("random", derandomize=False)
 settings.load_profile("deterministic")
+register_schemas()  # the YAML files name their schemas (src/schema.py), as the front doors register them
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -49,11 +56,57 @@ def start_pretraining(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+def command(module: str, args: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` as a user types it, W&B offline, its output captured (``env``: more variables)."""
+    environ = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=environ, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def commands(*calls: tuple[str, list[str]], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Independent commands at the same time, so that each start-up has a core of its own; results in order."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(lambda call: command(*call, timeout=timeout), calls))
+
+
+# A tiny MAE pretraining command that shows everything a run can: W&B offline, pictures, the kNN monitor and a
+# CSV row at each of its 4 steps. The tests of what such a command prints and leaves read one run of it.
+SHOWING_RUN = [*TINY, "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4"]
+SHOWING_RUN += ["logger=wandb", "logger.wandb.mode=offline", "pictures.every_n_steps=2", "trainer.log_every_n_steps=1"]
+
+
+@dataclass(frozen=True)
+class CommandRun:
+    """A finished ``python -m src.pretrain`` run: its arguments (runs_dir and run_name apart), folder and output."""
+
+    args: list[str]
+    run_dir: Path
+    done: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def pretrain_command_run(tmp_path_factory: pytest.TempPathFactory) -> CommandRun:
+    """One run of ``SHOWING_RUN`` through the front door, for every test that only reads its results."""
+    runs = tmp_path_factory.mktemp("command")
+    done = command("src.pretrain", [*SHOWING_RUN, f"runs_dir={runs}", "run_name=first"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return CommandRun(SHOWING_RUN, runs / "first", done)
+
+
 def compose_config(overrides: list[str], config_name: str = "pretrain", hydra: bool = False) -> DictConfig:
     """The config of a front door (pretrain, finetune, tokenizer, supervised), composed as its command would
     (``hydra=True``: with the ``hydra`` section a front door sees, overrides included)."""
     with initialize_config_dir(config_dir=str(CONF / config_name), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra)
+
+
+def composition_refusal(overrides: list[str], config_name: str = "pretrain") -> str:
+    """What composition says when the schema refuses ``overrides`` (a value of the wrong type, a key it does not
+    have): Hydra's message and OmegaConf's, which names the full key."""
+    with pytest.raises(ConfigCompositionException) as refused:
+        compose_config(overrides, config_name)
+    return f"{refused.value}\n{refused.value.__cause__}"
 
 
 @pytest.fixture
@@ -66,7 +119,7 @@ def assert_export_reproduces(run_dir: Path, exports: dict[str, Path], out_dir: P
     import torch
     from safetensors.torch import load_file
 
-    from src.export import export_run
+    from src.pipeline.export import export_run
 
     again = export_run(run_dir, out_dir=out_dir)
     assert again.keys() == exports.keys()

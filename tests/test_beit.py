@@ -19,7 +19,7 @@ from src.config import ConfigError
 from src.data.builtin import load_fashion_mnist
 from src.encoders.base import FilterReport
 from src.encoders.beit import SHARED_TABLE, checkpoint_filter_fn, shared_to_per_layer_rel_pos_bias
-from src.encoders.loading import load_state_dict_file
+from src.files import load_state_dict_file
 from src.methods.base import encoder_export_state
 from src.methods.beit import BEiT, BeitTransform
 from src.methods.masking import BlockwiseMaskGenerator, beit_mask_counts

@@ -12,6 +12,7 @@ import re
 import shutil
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -21,13 +22,17 @@ from PIL import Image
 
 from src.config import ConfigError
 from src.data import (
+    DATA_KINDS,
     EvalTransform,
+    ImageKind,
     PretrainTransform,
     ShardDataset,
     SkippingDataLoader,
+    TensorImageDataset,
     build_datamodule,
     collate_skipping,
     load_fashion_mnist,
+    register_kind,
 )
 from src.data.builtin import FASHION_MNIST_FILES
 from src.data.write_shards import main as write_shards_main
@@ -247,6 +252,62 @@ def test_missing_paths_name_the_config_key(tmp_path):
     urls, first = str(tmp_path / "train-{000000..000001}.tar"), re.escape(str(tmp_path / "train-000000.tar"))
     with pytest.raises(ConfigError, match=rf"dataset.train_urls: shard {first} does not exist"):
         make_dm(dataset_cfg("shards", train_urls=urls, samples_per_epoch=64), 8, 0)
+
+
+# ---- data kinds ----------------------------------------------------------------------------------------
+def test_the_registry_lists_every_kind_and_a_wrong_kind_is_named():
+    """One registry, detection's kind included; a data module refuses a kind it does not read, naming those it does."""
+    from src.detection.data import CocoDataModule  # registers the coco kind, as importing the methods does in a run
+
+    assert set(DATA_KINDS) == {"fashion_mnist", "image_folder", "shards", "coco"}
+    images = r"\('fashion_mnist', 'image_folder', 'shards'\)"
+    with pytest.raises(ConfigError, match=rf"^dataset.kind must be one of {images}, got 'nope'$"):
+        make_dm(dataset_cfg("fashion_mnist", kind="nope"), 8, 0)
+    with pytest.raises(ConfigError, match=rf"one of {images}, got 'coco': coco is read by the detection data module"):
+        make_dm(dataset_cfg("fashion_mnist", kind="coco"), 8, 0)
+    with pytest.raises(ConfigError, match=r"^dataset.kind must be one of \('coco',\), got 'shards': shards is read by"):
+        CocoDataModule(dataset_cfg("shards"), batch_size=1, num_workers=0)
+
+
+def test_a_new_kind_is_one_registered_class(test_split):
+    """A kind states its checks, its sets and its facts; the data module composes it without knowing its name."""
+    images, labels = test_split
+
+    @register_kind
+    class Tensors(ImageKind):
+        name, in_memory = "test_tensors", True
+
+        def check(self) -> None:
+            if self.cfg.get("knn_queries") is None:
+                raise ConfigError("dataset.knn_queries is required for dataset.kind=test_tensors")
+
+        def build(self) -> dict:
+            view, evaluate = self.request.train_view, self.request.eval_view
+            return {
+                "train": TensorImageDataset(images, labels, view, limit=64, batched=True),
+                "bank": TensorImageDataset(images, labels, evaluate, limit=32),
+                "queries": TensorImageDataset(images[64:], labels[64:], evaluate, limit=self.cfg.knn_queries),
+            }
+
+    try:
+        with pytest.raises(ConfigError, match="dataset.knn_queries is required for dataset.kind=test_tensors"):
+            make_dm(dataset_cfg("fashion_mnist", kind="test_tensors", knn_queries=None), 16, 0)
+        dm = make_dm(dataset_cfg("fashion_mnist", kind="test_tensors", knn_queries=16, tensor_transforms=True), 16, 0)
+        bank, queries = dm.knn_dataloaders()
+        assert (len(bank.dataset), len(queries.dataset), len(dm.train_dataloader().batch_sampler)) == (32, 16, 4)
+        assert dm.kind.num_classes is None and dm.num_classes == 10  # from dataset.num_classes
+    finally:
+        del DATA_KINDS["test_tensors"]
+
+
+def test_a_rank_without_a_training_shard_is_refused(tmp_path, test_split):
+    images, labels = test_split
+    _image_folder(tmp_path / "train", images, labels, {"a": 0, "b": 1}, per_class=4)
+    pattern = write_shards("folder", str(tmp_path / "train"), "train", tmp_path / "shards", maxcount=100)
+    dm = make_dm(dataset_cfg("shards", train_urls=pattern, samples_per_epoch=8), 4, 0)
+    dm.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(ConfigError, match=r"^dataset.train_urls has 1 shards for 2 ranks; every rank needs at least"):
+        dm.train_dataloader()
 
 
 # ---- tar shards ----------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from src.data import EvalTransform, PretrainTransform, build_datamodule, load_fa
 from src.data.classification import ClassificationTrainTransform
 from src.data.distributed import sample_seeds
 from src.data.transforms import StoredImages
+from src.encoders.loading import InitCheckpoint
 from src.methods.mae import MAE
 
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -84,7 +85,7 @@ def test_training_steps_get_the_views_from_the_hook(tiny_overrides: list[str]) -
         def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, idx: int) -> None:
             seen.append(batch)
 
-    data, model = MAE.build_data(cfg), MAE.from_config(cfg)
+    data, model = MAE.build_data(cfg), MAE.from_config(cfg, InitCheckpoint())
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=1,

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 from conftest import TINY, assert_export_reproduces, compose_config
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from skimage import data as skimage_data
 
@@ -19,7 +19,8 @@ from src.config import ConfigError
 from src.data.builtin import load_fashion_mnist
 from src.data.classification import ClassificationTrainTransform
 from src.data.distributed import GlobalBatchSampler
-from src.encoders.loading import load_state_dict_file
+from src.encoders.loading import InitCheckpoint
+from src.files import load_state_dict_file
 from src.methods.deit import DeiT, DistillationLoss
 from src.methods.teacher import EFFICIENTNET_LITE0_PACKAGE, IMAGENET_INPUT, InputSpec, build_teacher
 from src.pipeline.fit import run
@@ -123,6 +124,11 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
     return result.exports["classifier"]
 
 
+def deit_from(cfg: DictConfig) -> DeiT:
+    """DeiT's module as a run builds it (it starts from no init checkpoint)."""
+    return DeiT.from_config(cfg, InitCheckpoint())
+
+
 def deit_config(tmp_path: Path, teacher: Path, *extra: str, student: list[str] = TINY):
     return compose_config(
         [
@@ -138,7 +144,7 @@ def deit_config(tmp_path: Path, teacher: Path, *extra: str, student: list[str] =
 
 @pytest.mark.slow
 def test_teacher_sees_the_mixed_batch_and_never_trains(tmp_path, teacher_checkpoint):
-    module = DeiT.from_config(deit_config(tmp_path, teacher_checkpoint))  # DeiT defaults: mixup 0.8, cutmix 1.0
+    module = deit_from(deit_config(tmp_path, teacher_checkpoint))  # DeiT defaults: mixup 0.8, cutmix 1.0
     module.train()
     assert not any(m.training for m in module.teacher.modules())  # train() reaches the teacher, which stays in eval
     assert not any(p.requires_grad for p in module.teacher.parameters())
@@ -170,7 +176,7 @@ def test_teacher_refusals_name_the_key(tmp_path, teacher_checkpoint):
     with pytest.raises(ConfigError, match=r"objective\.teacher\.checkpoint=.*python -m src\.train_supervised"):
         DeiT.check_config(deit_config(tmp_path, missing))
     with pytest.raises(ConfigError, match=r"1000 classes .* 10"):  # ImageNet teacher, Fashion-MNIST student
-        DeiT.from_config(
+        deit_from(
             deit_config(
                 tmp_path,
                 EFFICIENTNET_LITE0_PACKAGE,
@@ -179,13 +185,13 @@ def test_teacher_refusals_name_the_key(tmp_path, teacher_checkpoint):
             )
         )
     with pytest.raises(ConfigError, match="adapt_input"):  # the teacher was trained at 32 px, the student runs at 64
-        DeiT.from_config(deit_config(tmp_path, teacher_checkpoint, "dataset.img_size=64"))
-    adapted = DeiT.from_config(
+        deit_from(deit_config(tmp_path, teacher_checkpoint, "dataset.img_size=64"))
+    adapted = deit_from(
         deit_config(tmp_path, teacher_checkpoint, "dataset.img_size=64", "objective.teacher.adapt_input=true")
     )
     assert adapted.teacher.adapt and adapted.teacher(torch.randn(2, 3, 64, 64)).shape == (2, 10)
     with pytest.raises(ConfigError, match=r"objective\.teacher\.arch=resnet18"):  # the record says resnet10t
-        DeiT.from_config(deit_config(tmp_path, teacher_checkpoint, "objective.teacher.arch=resnet18"))
+        deit_from(deit_config(tmp_path, teacher_checkpoint, "objective.teacher.arch=resnet18"))
 
 
 def skimage_photo(name: str, spec: InputSpec) -> torch.Tensor:
@@ -219,7 +225,7 @@ def test_deit_trains_and_exports(tmp_path, teacher_checkpoint, student):
     ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])  # checkpoints stay student-sized
     assert_export_reproduces(result.run_dir, result.exports, tmp_path / "again")
-    module = DeiT.from_config(cfg)
+    module = deit_from(cfg)
     module.on_load_checkpoint(ckpt)
     module.load_state_dict(ckpt["state_dict"], strict=True)
     module.eval()
@@ -244,7 +250,7 @@ def test_deit_trains_and_exports(tmp_path, teacher_checkpoint, student):
 
 
 def test_no_distillation_is_the_plain_one_head_baseline(tmp_path):
-    module = DeiT.from_config(deit_config(tmp_path, tmp_path / "unused.safetensors", "objective.distillation=none"))
+    module = deit_from(deit_config(tmp_path, tmp_path / "unused.safetensors", "objective.distillation=none"))
     assert module.teacher is None and not hasattr(module.encoder, "dist_token")
     assert module.encoder.pos_embed.shape[1] == 64 + 1
     assert module.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -1,4 +1,4 @@
-"""Detection fine-tuning (``task=detect``): MIMDet on torchvision's Mask R-CNN through the front door.
+"""Detection fine-tuning (``objective=detect``): MIMDet on torchvision's Mask R-CNN through the front door.
 
 A real (tiny) MAE pretraining run on Fashion-MNIST makes the checkpoints; the detector then trains and is
 evaluated on real Fashion-MNIST scenes, deepforest's aerial tree tiles (boxes only) and stardist's nuclei.
@@ -27,10 +27,10 @@ from src.pipeline.fit import prepare, run
 
 MAE_LIGHT = ["objective.decoder_dim=32", "objective.decoder_depth=2", "objective.decoder_heads=2"]
 SMALL_HEADS = [
-    "task.fpn_channels=32",
-    "task.roi_samples=32",
-    "task.test_proposals=50",
-    "task.anchor_sizes=[8,16,32,64,128]",
+    "objective.fpn_channels=32",
+    "objective.roi_samples=32",
+    "objective.test_proposals=50",
+    "objective.anchor_sizes=[8,16,32,64,128]",
 ]
 SCENES = [
     "dataset=fmnist_scenes",
@@ -54,11 +54,11 @@ def detect_overrides(tmp_path: Path, *overrides: str) -> list[str]:
         *SCENES,
         f"runs_dir={tmp_path}",
         f"dataset.root={tmp_path}/scenes",
-        "task=detect",
-        "task.pretrain_img_size=32",
-        "task.decoder_depth=2",
-        "task.decoder_dim=32",
-        "task.decoder_heads=2",
+        "objective=detect",
+        "objective.pretrain_img_size=32",
+        "objective.decoder_depth=2",
+        "objective.decoder_dim=32",
+        "objective.decoder_heads=2",
         *SMALL_HEADS,
         "batch_size=4",
         "epochs=1",
@@ -85,16 +85,18 @@ def mae_state(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def built(cfg) -> Detection:
-    prepare(cfg)
+    settled = prepare(cfg)
     CocoDataModule(cfg.dataset, cfg.batch_size, 0)  # builds the scenes on first use
-    return Detection.from_config(cfg)
+    return settled.build()
 
 
 # ---- the front door --------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_detection_trains_from_an_mae_checkpoint_and_reports_coco_ap(mae_run, tmp_path):
     ckpt = mae_run / "checkpoints" / "last.ckpt"
-    cfg = detect_config(tmp_path, f"init.checkpoint={ckpt}", "trainer.max_steps=2", "task.compare_train_ratio=true")
+    cfg = detect_config(
+        tmp_path, f"init.checkpoint={ckpt}", "trainer.max_steps=2", "objective.compare_train_ratio=true"
+    )
     result = run(cfg)
     metrics = result.metrics
     for key in ("box/ap", "box/ap50", "box/ap_small", "mask/ap", "mask/ap75"):
@@ -135,9 +137,9 @@ def test_the_official_full_mae_layout_loads_encoder_and_decoder(mae_run, tmp_pat
 def test_an_encoder_only_checkpoint_is_refused_for_the_decoder_unless_asked(mae_run, tmp_path):
     export = mae_run / "export" / "encoder.safetensors"
     overrides = [f"init.checkpoint={export}", "encoder.kwargs.patch_size=4"]
-    with pytest.raises(ConfigError, match="has no MAE decoder.*task.random_decoder=true"):
+    with pytest.raises(ConfigError, match="has no MAE decoder.*objective.random_decoder=true"):
         prepare(detect_config(tmp_path, *overrides))
-    module = built(detect_config(tmp_path, *overrides, "task.random_decoder=true"))
+    module = built(detect_config(tmp_path, *overrides, "objective.random_decoder=true"))
     report = module.init_report
     assert report.loaded and not report.decoder_loaded
     assert "decoder_blocks.0.attn.qkv.weight" in report.decoder_not_loaded
@@ -147,8 +149,10 @@ def test_an_encoder_only_checkpoint_is_refused_for_the_decoder_unless_asked(mae_
 
 
 def test_a_decoder_deeper_than_the_checkpoints_is_refused(mae_run, tmp_path):
-    cfg = detect_config(tmp_path, f"init.checkpoint={mae_run / 'checkpoints' / 'last.ckpt'}", "task.decoder_depth=4")
-    with pytest.raises(ConfigError, match="task.decoder_depth=4 but the checkpoint's MAE decoder has 2 blocks"):
+    cfg = detect_config(
+        tmp_path, f"init.checkpoint={mae_run / 'checkpoints' / 'last.ckpt'}", "objective.decoder_depth=4"
+    )
+    with pytest.raises(ConfigError, match="objective.decoder_depth=4 but the checkpoint's MAE decoder has 2 blocks"):
         prepare(cfg)
 
 
@@ -161,7 +165,7 @@ def real_batch(cfg) -> dict:
 @pytest.mark.parametrize("ratio", [0.25, 1.0])
 def test_every_trainable_parameter_gets_a_gradient_on_real_scenes(tmp_path, ratio):
     """DDP (find_unused_parameters=False) needs this; ratio 1.0 leaves MIMDet's fill-in projection idle."""
-    cfg = detect_config(tmp_path, f"task.train_ratio={ratio}")
+    cfg = detect_config(tmp_path, f"objective.train_ratio={ratio}")
     module = built(cfg)
     train, _ = real_batch(cfg)
     loss, losses = module.compute_loss(train)
@@ -172,7 +176,7 @@ def test_every_trainable_parameter_gets_a_gradient_on_real_scenes(tmp_path, rati
 
 
 def test_evaluation_sees_the_full_input_and_returns_detections_in_image_pixels(tmp_path):
-    cfg = detect_config(tmp_path, "task.train_ratio=0.25")
+    cfg = detect_config(tmp_path, "objective.train_ratio=0.25")
     module = built(cfg).eval()
     _, val = real_batch(cfg)
     seen = []
@@ -194,7 +198,7 @@ def test_boxes_only_data_trains_faster_rcnn_with_a_pale_encoder(tmp_path):
     """deepforest's aerial tiles have boxes only; Pale feeds the FPN from its four stages."""
     cfg = compose_config(
         [
-            "task=detect",
+            "objective=detect",
             "encoder=pale_t",
             *PALE_SMALL,
             "dataset=deepforest_trees",
@@ -253,7 +257,7 @@ def test_the_step_schedule_warms_up_then_drops_tenfold():
 
 
 def test_three_lr_groups_and_the_papers_lr_at_batch_64(tmp_path):
-    module = built(detect_config(tmp_path, "task.lr_mult=2.0"))
+    module = built(detect_config(tmp_path, "objective.lr_mult=2.0"))
     scale_of = {id(p): g["lr_scale"] for g in module.param_groups() for p in g["params"]}
     decay_of = {id(p): g["weight_decay"] for g in module.param_groups() for p in g["params"]}
     backbone = module.detector.backbone
@@ -265,16 +269,16 @@ def test_three_lr_groups_and_the_papers_lr_at_batch_64(tmp_path):
     assert decay_of[id(module.encoder.blocks[0].attn.qkv.bias)] == 0.0
     assert decay_of[id(module.encoder.blocks[0].attn.qkv.weight)] == 0.1
     recipe = compose_config(["recipe=mimdet_vit_b_coco_3x", "dataset.root=/data/coco"], config_name="finetune")
-    optim = recipe.task.optim
+    optim = recipe.objective.optim
     assert scaled_lr(optim.base_lr, recipe.batch_size * 8, optim.reference_batch) == pytest.approx(8e-5)
-    assert OmegaConf.to_container(recipe.task.lr_milestones) == [27, 33] and recipe.epochs == 36
+    assert OmegaConf.to_container(recipe.objective.lr_milestones) == [27, 33] and recipe.epochs == 36
 
 
 @pytest.mark.slow
 def test_two_process_ddp_at_ratio_one_has_no_unused_parameters(mae_run, tmp_path):
     """Lightning's DDP runs with find_unused_parameters=False: an idle parameter would stop the run."""
     ckpt = mae_run / "checkpoints" / "last.ckpt"
-    overrides = [f"init.checkpoint={ckpt}", "trainer=cpu_ddp", "trainer.max_steps=1", "task.train_ratio=1.0"]
+    overrides = [f"init.checkpoint={ckpt}", "trainer=cpu_ddp", "trainer.max_steps=1", "objective.train_ratio=1.0"]
     args = detect_overrides(tmp_path, *overrides, "run_name=ddp")
     args = [a for a in args if not a.startswith("trainer.devices")]  # cpu_ddp's 2 processes, not TINY's 1
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
@@ -292,6 +296,6 @@ def test_two_process_ddp_at_ratio_one_has_no_unused_parameters(mae_run, tmp_path
 
 
 def test_an_encoder_that_is_neither_mimdet_nor_a_pyramid_is_refused_before_work():
-    cfg = compose_config(["task=detect", "encoder=beit_t", "dataset=stardist_nuclei"], config_name="finetune")
+    cfg = compose_config(["objective=detect", "encoder=beit_t", "dataset=stardist_nuclei"], config_name="finetune")
     with pytest.raises(ConfigError, match="encoder=beit_t .* neither by token sampling"):
         prepare(cfg)

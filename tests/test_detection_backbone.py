@@ -17,11 +17,12 @@ from src.detection.backbone import (
     PartialInputEncoder,
     build_backbone,
     decoder_state_from_mae,
-    interpolate_pos_embed,
     sample_tokens,
     valid_token_mask,
 )
+from src.detection.detector import build_detector
 from src.encoders import create_encoder
+from src.encoders.pos_embed import interpolate_pos_embed
 from src.methods.mae import MAE
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "encoder"
@@ -108,16 +109,18 @@ def test_interpolate_pos_embed_matches_timm_and_is_identity_on_the_same_grid():
     assert torch.allclose(up, torch.arange(4.0)[:, None].expand(4, 10))
 
 
-def test_partial_input_encoder_ratio_follows_mode():
+def test_partial_input_encoder_samples_the_ratio_it_is_given():
     vit = tiny_vit()
-    enc = PartialInputEncoder(vit, train_ratio=0.25, eval_ratio=1.0)
+    enc = PartialInputEncoder(vit)
     trainable = {name.split(".")[1] for name, p in enc.named_parameters() if p.requires_grad}
     assert trainable == {"blocks", "norm"}  # patch embedding, cls and mask tokens never run; sin-cos is fixed
+    enc.eval()  # no drop path: the ratio is the call's, whatever the mode
     tokens, valid = torch.randn(2, 64, 6, 10), torch.ones(2, 6, 10, dtype=torch.bool)
-    enc.train()
-    latent, ids = enc(tokens, valid)
+    latent, ids = enc(tokens, valid, 0.25)
     assert latent.shape == (2, 15, 64) and ids.shape == (2, 15)
-    enc.eval()
+    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    _, ids_seeded = enc(tokens, valid, 0.25, generators)
+    assert torch.equal(ids_seeded, enc(tokens, valid, 0.25, [torch.Generator().manual_seed(s) for s in (1, 2)])[1])
     latent, ids = enc(tokens, valid)
     assert latent.shape == (2, 60, 64)
     assert torch.equal(ids, torch.arange(60).expand(2, -1))
@@ -164,13 +167,12 @@ def test_decoder_puts_visible_latents_over_filled_positions():
 
 
 def test_mimdet_backbone_levels_for_a_padded_non_square_batch():
-    backbone = tiny_backbone(train_ratio=0.5)
+    backbone = tiny_backbone()
     images = torch.randn(2, 3, 96, 160)
     sizes = [(96, 150), (70, 100)]
-    for mode in (backbone.train, backbone.eval):
-        mode()
+    for ratio in (0.5, 1.0):
         with torch.no_grad():
-            out = backbone(images, sizes)
+            out = backbone(images, sizes, ratio)
         assert list(out) == LEVELS
         strides = [4, 8, 16, 32, 64]
         for name, stride in zip(LEVELS, strides, strict=True):
@@ -183,8 +185,8 @@ def test_mimdet_backbone_levels_for_a_padded_non_square_batch():
 
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_every_parameter_gets_a_gradient(ratio):
-    backbone = tiny_backbone(train_ratio=ratio).train()
-    out = backbone(torch.randn(2, 3, 64, 96), [(64, 96), (50, 70)])
+    backbone = tiny_backbone().train()
+    out = backbone(torch.randn(2, 3, 64, 96), [(64, 96), (50, 70)], ratio)
     sum(level.float().pow(2).mean() for level in out.values()).backward()
     trainable = [name for name, p in backbone.named_parameters() if p.requires_grad]
     assert "decoder.fill_proj.weight" in trainable and "encoder_input.encoder.blocks.0.attn.qkv.weight" in trainable
@@ -201,6 +203,8 @@ def test_hierarchical_backbone_for_pale():
         assert out[name].shape == (2, 256, -(-64 // stride), -(-96 // stride)), name
     sum(level.pow(2).mean() for level in out.values()).backward()
     assert [n for n, p in backbone.named_parameters() if p.requires_grad and p.grad is None] == []
+    with pytest.raises(ValueError, match="samples no tokens"):
+        backbone(torch.randn(1, 3, 64, 64), [(64, 64)], 0.5)
 
 
 def test_build_backbone_picks_by_capability():
@@ -223,3 +227,61 @@ def test_fpn_gets_stem_maps_c4_and_its_max_pool():
         backbone(torch.randn(1, 3, 64, 96), [(64, 96)])
     assert [seen[k].shape[1] for k in "0123"] == [16, 32, 128, 128]
     torch.testing.assert_close(seen["3"], seen["2"].reshape(1, 128, 2, 2, 3, 2).amax(dim=(3, 5)))
+
+
+def attributes(model: torch.nn.Module) -> dict[tuple[str, str], object]:
+    """Every plain attribute of every submodule: what a call could leave changed.
+
+    Values for plain data and lists of tensors (torchvision's anchor generator rebinds its cell anchors to equal
+    tensors on every call), identities for every other object.
+    """
+
+    def seen_as(value: object) -> object:
+        if isinstance(value, (int, float, str, bool, type(None), tuple)):
+            return value
+        if isinstance(value, list) and value and all(isinstance(item, torch.Tensor) for item in value):
+            return [item.tolist() for item in value]
+        return id(value)
+
+    return {
+        (name, key): seen_as(value) for name, module in model.named_modules() for key, value in vars(module).items()
+    }
+
+
+def test_the_detector_takes_ratio_and_seeds_per_call_and_leaves_no_attribute_changed():
+    torch.manual_seed(0)
+    heads = dict(anchor_sizes=(8, 16, 32, 64, 128), roi_samples=16, test_proposals=20)
+    detector = build_detector(
+        tiny_backbone(out_channels=32), 3, True, [64, 96], 96, 160, [0.5] * 3, [0.25] * 3, **heads
+    )
+    images = [torch.rand(3, 70, 90), torch.rand(3, 64, 64)]
+    masks = [torch.ones(1, *image.shape[-2:], dtype=torch.uint8) for image in images]
+    box = torch.tensor([[5.0, 6.0, 40.0, 50.0]])
+    targets = [{"boxes": box, "labels": torch.tensor([1]), "masks": mask} for mask in masks]
+    kept = []  # (tokens the encoder saw, tokens of the grid) per call
+    decoder = detector.backbone.decoder
+    decoder.register_forward_pre_hook(lambda _, args: kept.append((args[1].shape[1], args[2][0, 0].numel())))
+    detector.eval()
+    with torch.no_grad():
+        detector(images)  # torchvision's pooler caches its scales on its first call
+    before = attributes(detector)
+    detector.train()
+    losses = {}
+    for ratio in (0.25, 1.0, 0.25):
+        torch.manual_seed(1)  # drop path's draws
+        out = detector(images, targets, ratio=ratio, seeds=[7, 8])
+        first_at_ratio = losses.setdefault(ratio, out)
+        assert all(torch.equal(out[k], v) for k, v in first_at_ratio.items())  # same seeds: same sizes and samples
+    assert losses[0.25]["loss_classifier"] != losses[1.0]["loss_classifier"]
+    with pytest.raises(ValueError, match="ratio"):
+        detector(images, targets, ratio=0.0, seeds=[7, 8])  # fails inside the call, after the draws were handed out
+    detector.eval()
+    with torch.no_grad():
+        full = detector(images)
+        detector(images, ratio=0.5)
+        again = detector(images)
+    assert attributes(detector) == before  # nothing a call sets outlives it, a failed call's included
+    ratios = [1.0, 0.25, 1.0, 0.25, 1.0, 0.5, 1.0]
+    assert [k for k, _ in kept] == [int(tokens * ratio) for (_, tokens), ratio in zip(kept, ratios, strict=True)]
+    for ours, theirs in zip(full, again, strict=True):  # evaluating at 0.5 left the next call as it was
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -7,6 +7,7 @@ official-layout file every loading test starts from.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import src.encoders.pale  # noqa: F401  (registers pale_* with timm)
-from src.config import ConfigError
+from src.config import ConfigError, validate
 from src.encoders import create_encoder
-from src.encoders.loading import InitReport, load_encoder_weights
+from src.encoders.loading import InitCheckpoint, InitReport, load_encoder_weights
 from src.methods.base import all_pretraining_keys
 from src.methods.classify import FineTuneClassifier
 from src.methods.optim import LARS, layer_decay_groups
@@ -36,9 +37,14 @@ def scales_by_name(model: torch.nn.Module, layer_decay: float = DECAY) -> dict[s
     return {name: by_id[id(p)] for name, p in model.named_parameters() if id(p) in by_id}
 
 
+def init_from(path: Path) -> InitCheckpoint:
+    """The init checkpoint a run with ``init.checkpoint=path`` (and the other ``init`` keys' defaults) reads."""
+    return InitCheckpoint.read(OmegaConf.create({"checkpoint": str(path)}))
+
+
 def load_file_into(model: torch.nn.Module, path: Path, cfg) -> InitReport:
     """The fine-tune stage's loading of ``path`` (any kind), official checkpoints' method keys dropped."""
-    return load_encoder_weights(model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder, all_pretraining_keys())
+    return load_encoder_weights(model, init_from(path), cfg.encoder, all_pretraining_keys())
 
 
 def finetune_config(tmp_path: Path, *overrides: str):
@@ -131,7 +137,7 @@ def test_lightning_checkpoint_loads_with_a_full_report_and_norm_moved_to_fc_norm
     cfg = compose_config(TINY)
     model = create_encoder(cfg.encoder, 32, num_classes=10, global_pool="avg")
     init = OmegaConf.create({"checkpoint": str(mae_run / "checkpoints" / "last.ckpt")})
-    report = load_encoder_weights(model, init, cfg.encoder)
+    report = load_encoder_weights(model, InitCheckpoint.read(init), cfg.encoder)
     saved = checkpoint_encoder(mae_run)
     assert report.kind == "lightning"
     assert report.missing == ["head.bias", "head.weight"]
@@ -147,7 +153,7 @@ def test_lightning_checkpoint_loads_with_a_full_report_and_norm_moved_to_fc_norm
 
     init.norm_to_fc_norm = False  # the MAE code's way: fc_norm starts fresh, the pretrained norm is unused
     fresh = create_encoder(cfg.encoder, 32, num_classes=10, global_pool="avg")
-    report = load_encoder_weights(fresh, init, cfg.encoder)
+    report = load_encoder_weights(fresh, InitCheckpoint.read(init), cfg.encoder)
     assert {"norm.weight", "norm.bias"} <= set(report.dropped) and not report.remapped
     assert report.missing == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
     assert torch.equal(fresh.fc_norm.weight, torch.ones(192))
@@ -158,9 +164,7 @@ def test_export_file_loads_every_tensor_into_a_bare_encoder(mae_run):
     cfg = compose_config(TINY)
     model = create_encoder(cfg.encoder, 32)
     path = mae_run / "export" / "encoder.safetensors"
-    report = load_encoder_weights(
-        model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder, all_pretraining_keys()
-    )
+    report = load_encoder_weights(model, init_from(path), cfg.encoder, all_pretraining_keys())
     exported = load_file(str(path))
     assert report.kind == "export" and report.missing == [] and report.dropped == []
     assert sorted(report.loaded) == sorted(exported)
@@ -174,9 +178,7 @@ def test_official_mae_layout_drops_the_decoder(mae_run):
     path = mae_run / "export" / "mae_full_official.pth"
     official = torch.load(path, map_location="cpu", weights_only=True)["model"]
     assert "decoder_pred.weight" in official and "mask_token" in official  # the official names, decoder included
-    report = load_encoder_weights(
-        model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder, all_pretraining_keys()
-    )
+    report = load_encoder_weights(model, init_from(path), cfg.encoder, all_pretraining_keys())
     assert report.kind == "official" and report.missing == [] and report.unexpected == []
     assert set(report.dropped) == {k for k in official if k.startswith(("decoder_", "mask_token"))}
     torch.testing.assert_close(model.state_dict()["norm.weight"], official["norm.weight"])
@@ -193,9 +195,7 @@ def test_official_deit_layout_drops_the_distillation_token_and_its_position(tmp_
     path = tmp_path / "deit.pth"
     torch.save({"model": state}, path)
     model = create_encoder(cfg.encoder, 32, num_classes=10)
-    report = load_encoder_weights(
-        model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder, all_pretraining_keys()
-    )
+    report = load_encoder_weights(model, init_from(path), cfg.encoder, all_pretraining_keys())
     assert {"dist_token", "head.weight", "head_dist.weight", "head_dist.bias"} <= set(report.dropped)
     torch.testing.assert_close(model.pos_embed.detach(), pos)
     assert report.missing == ["head.bias", "head.weight"] and any("distillation" in n for n in report.notes)
@@ -206,9 +206,7 @@ def test_position_embeddings_are_resampled_to_a_new_grid_and_reported(mae_run):
     cfg = compose_config(TINY)
     model = create_encoder(cfg.encoder, 48)  # 12 x 12 patches, pretrained on 8 x 8
     path = mae_run / "export" / "encoder.safetensors"
-    report = load_encoder_weights(
-        model, OmegaConf.create({"checkpoint": str(path)}), cfg.encoder, all_pretraining_keys()
-    )
+    report = load_encoder_weights(model, init_from(path), cfg.encoder, all_pretraining_keys())
     assert "pos_embed" in report.loaded and any("8x8 to a 12x12" in n for n in report.notes)
     torch.testing.assert_close(model.pos_embed[:, :1], load_file(str(path))["pos_embed"][:, :1])  # cls row kept
 
@@ -219,10 +217,10 @@ def test_a_mismatched_checkpoint_is_refused_naming_the_key_unless_not_strict(mae
     model = create_encoder(cfg.encoder, 32)
     init = OmegaConf.create({"checkpoint": str(mae_run / "checkpoints" / "last.ckpt")})
     with pytest.raises(ConfigError, match=r"blocks\.1\.") as refused:
-        load_encoder_weights(model, init, cfg.encoder)
+        load_encoder_weights(model, InitCheckpoint.read(init), cfg.encoder)
     assert "init.strict=false" in str(refused.value)
     init.strict = False
-    report = load_encoder_weights(model, init, cfg.encoder)
+    report = load_encoder_weights(model, InitCheckpoint.read(init), cfg.encoder)
     assert report.unexpected and all(k.startswith("blocks.1.") for k in report.unexpected)
     torch.testing.assert_close(model.blocks[0].attn.qkv.weight, checkpoint_encoder(mae_run)["blocks.0.attn.qkv.weight"])
 
@@ -233,18 +231,18 @@ def test_another_recorded_arch_or_shape_is_refused(mae_run):
     model = create_encoder(cfg.encoder, 32)
     init = OmegaConf.create({"checkpoint": str(mae_run / "checkpoints" / "last.ckpt")})
     with pytest.raises(ConfigError, match=r"encoder.arch=mim_vit_tiny_patch16.*patch_embed\.proj\.weight has shape"):
-        load_encoder_weights(model, init, cfg.encoder)
+        load_encoder_weights(model, InitCheckpoint.read(init), cfg.encoder)
     with pytest.raises(ConfigError, match="init.kind=export"):
-        load_encoder_weights(model, OmegaConf.create({**init, "kind": "export"}), cfg.encoder)
+        InitCheckpoint.read(OmegaConf.create({**init, "kind": "export"}))
 
 
 def test_bad_task_values_fail_before_training_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match="batch_size=15"):
         FineTuneClassifier.check_config(finetune_config(tmp_path, "batch_size=15"))
-    with pytest.raises(ConfigError, match="task.layer_decay"):
-        FineTuneClassifier.check_config(finetune_config(tmp_path, "task.layer_decay=1.5"))
-    pale = ["encoder=pale_t", *PALE_SMALL, "task=linear", "dataset.img_size=32", "logger=csv", "num_workers=0"]
-    with pytest.raises(ConfigError, match="task.pool=cls"):
+    with pytest.raises(ConfigError, match=r"objective.layer_decay=1.5 must be in \(0, 1\]"):  # the schema's range
+        validate(finetune_config(tmp_path, "objective.layer_decay=1.5"))
+    pale = ["encoder=pale_t", *PALE_SMALL, "objective=linear", "dataset.img_size=32", "logger=csv", "num_workers=0"]
+    with pytest.raises(ConfigError, match="objective.pool=cls"):
         run(compose_config([*pale, f"runs_dir={tmp_path}"], config_name="finetune"))
 
 
@@ -252,7 +250,7 @@ def test_bad_task_values_fail_before_training_naming_the_key(tmp_path):
 @pytest.mark.slow
 def test_classify_fine_tunes_every_weight_with_layer_decayed_lrs(tmp_path, mae_run):
     ckpt = mae_run / "checkpoints" / "last.ckpt"
-    result = run(finetune_config(tmp_path, "task=classify", f"init.checkpoint={ckpt}", "batch_size=16"))
+    result = run(finetune_config(tmp_path, "objective=classify", f"init.checkpoint={ckpt}", "batch_size=16"))
     assert 0.0 <= result.metrics["val/top1"] <= result.metrics["val/top5"] <= 1.0
     report = json.loads((result.run_dir / "init_report.json").read_text())
     assert report["kind"] == "lightning" and report["missing"] == ["head.bias", "head.weight"]
@@ -274,7 +272,7 @@ def test_classify_fine_tunes_every_weight_with_layer_decayed_lrs(tmp_path, mae_r
 @pytest.mark.slow
 def test_linear_probe_trains_only_the_probe_on_frozen_features(tmp_path, mae_run):
     export = mae_run / "export" / "encoder.safetensors"
-    overrides = ["task=linear", "task.pool=avg", f"init.checkpoint={export}", "task.optim.name=lars"]
+    overrides = ["objective=linear", "objective.pool=avg", f"init.checkpoint={export}", "objective.optim.name=lars"]
     result = run(finetune_config(tmp_path, *overrides))
     assert 0.0 <= result.metrics["val/top1"] <= 1.0
     state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)["state_dict"]
@@ -289,7 +287,7 @@ def test_linear_probe_trains_only_the_probe_on_frozen_features(tmp_path, mae_run
 @pytest.mark.slow
 def test_knn_task_reports_the_protocol_on_the_encoder_and_on_pixels(tmp_path, mae_run):
     ckpt = mae_run / "checkpoints" / "last.ckpt"
-    result = run(finetune_config(tmp_path, "task=knn", f"init.checkpoint={ckpt}"))
+    result = run(finetune_config(tmp_path, "objective=knn", f"init.checkpoint={ckpt}"))
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     assert metrics["knn/bank_size"] == 64 and metrics["knn/query_size"] == 32
     for key in ("knn/top1", "knn/pixels_top1"):
@@ -299,17 +297,18 @@ def test_knn_task_reports_the_protocol_on_the_encoder_and_on_pixels(tmp_path, ma
 
 
 @pytest.mark.slow
-def test_fine_tuning_rebuilds_the_encoder_the_checkpoint_records(tmp_path, mae_run, capsys):
+def test_fine_tuning_rebuilds_the_encoder_the_checkpoint_records(tmp_path, mae_run, caplog):
     """No encoder overrides needed: the run rebuilds the checkpoint's 2-block, 4 px-patch ViT-Tiny and says so."""
+    caplog.set_level(logging.INFO, logger="src.pipeline.fit")
     ckpt = mae_run / "checkpoints" / "last.ckpt"
     cfg = compose_config(
         ["dataset.img_size=32", *FAST, "batch_size=16", "num_workers=0", "logger=csv", f"runs_dir={tmp_path}"]
-        + ["task=knn", f"init.checkpoint={ckpt}", "task.pixels=false"],
+        + ["objective=knn", f"init.checkpoint={ckpt}", "objective.pixels=false"],
         config_name="finetune",
     )
     assert cfg.encoder.name == "vit_b"  # the front door's default, which the checkpoint does not match
     result = run(cfg)
-    assert "encoder: rebuilt as the checkpoint records it (vit_t" in capsys.readouterr().out
+    assert "settled by KNNEvaluation.settle_config: encoder.arch 'mim_vit_base_patch16' -> 'mim_vit_tiny" in caplog.text
     saved = OmegaConf.load(result.run_dir / "config.yaml")
     assert saved.encoder.arch == "mim_vit_tiny_patch16" and saved.encoder.kwargs.depth == 2
     report = json.loads((result.run_dir / "init_report.json").read_text())

@@ -21,9 +21,10 @@ from omegaconf import OmegaConf
 import src.encoders  # noqa: F401  (registers the encoder families)
 from src.config import ConfigError
 from src.encoders import create_encoder
-from src.encoders.loading import load_encoder_weights, save_weights
-from src.export import checkpoint_state
+from src.encoders.loading import InitCheckpoint, load_encoder_weights
+from src.files import save_weights
 from src.pipeline.checkpoint import AtomicCheckpointIO
+from src.pipeline.export import checkpoint_state
 from src.pipeline.run_folder import LAST, PREVIOUS, resume_checkpoint
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -111,7 +112,7 @@ def test_init_loader_reads_or_refuses_in_one_line(tmp_path: Path, encoder, valid
     mutate(path, valid_files[name], mutation)
     init = OmegaConf.create({"checkpoint": str(path)})
     try:
-        load_encoder_weights(model, init, encoder_cfg)
+        load_encoder_weights(model, InitCheckpoint.read(init), encoder_cfg)
     except ConfigError as e:
         one_line_error(e)
         assert str(path) in str(e)

@@ -1,16 +1,18 @@
-"""The distributed kNN evaluation: the strided all-gather in real gloo processes, and task=knn over two ranks.
+"""The distributed kNN evaluation: the strided all-gather in real gloo processes, and objective=knn over two ranks.
 
-The end-to-end test runs the front door twice, in one process and in two (``trainer=cpu_ddp``), and asks for
-the same metrics: splitting the work between ranks must not change a single number. The gather test's ranks
-import this module, so its top imports little (torch, hydra): the project's modules load inside the tests that use them.
+The end-to-end test runs the evaluation twice, in this process and through the front door in two processes
+(``trainer=cpu_ddp``), and asks for the same metrics: splitting the work between ranks must not change a single
+number. The gather test's ranks import this module, so its top imports little (torch, hydra): the project's
+modules load inside the tests that use them.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import socket
 import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -19,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import REPO, TINY, compose_config
+from conftest import TINY, command, compose_config
 
 from src.evaluation.gather import gather_strided
 
@@ -70,11 +72,11 @@ def test_gather_strided_in_one_process_returns_its_input():
 
 
 def loaders_at_world_size(tmp_path: Path, world: int, *overrides: str) -> RankSplitLoaders:
-    """task=knn's loaders for a trainer of ``world`` processes, without starting any."""
+    """objective=knn's loaders for a trainer of ``world`` processes, without starting any."""
     from src.methods.knn import KNNEvaluation, RankSplitLoaders
 
     tiny = [a for a in TINY if not a.startswith("dataset.train_limit")]  # shards have no such key
-    cfg = compose_config([*tiny, f"runs_dir={tmp_path}", "task=knn", *overrides], config_name="finetune")
+    cfg = compose_config([*tiny, f"runs_dir={tmp_path}", "objective=knn", *overrides], config_name="finetune")
     loaders = RankSplitLoaders(KNNEvaluation.build_data(cfg))
     loaders.trainer = SimpleNamespace(world_size=world, global_rank=0)
     return loaders
@@ -100,24 +102,34 @@ def test_shards_read_whole_by_every_rank_are_refused(tmp_path):
         loaders_at_world_size(tmp_path, 2, *shards).val_dataloader()
 
 
-def finetune_cli(runs_dir: Path, *overrides: str) -> tuple[dict[str, float], str]:
-    """``python -m src.finetune task=knn`` on 601 bank images and 301 queries: its metrics.json and its output."""
+def knn_run(runs_dir: Path, *overrides: str) -> list[str]:
+    """``objective=knn`` on 601 bank images and 301 queries, its run folder ``runs_dir/knn``."""
     args = [a for a in TINY if not a.startswith(("trainer.devices", "dataset.knn_", "batch_size"))]
-    args += ["task=knn", "dataset.knn_bank=601", "dataset.knn_queries=301", "batch_size=64"]
-    args += [f"runs_dir={runs_dir}", "run_name=knn", *overrides]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "src.finetune", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((runs_dir / "knn" / "metrics.json").read_text()), result.stdout + result.stderr
+    args += ["objective=knn", "dataset.knn_bank=601", "dataset.knn_queries=301", "batch_size=64"]
+    return [*args, f"runs_dir={runs_dir}", "run_name=knn", *overrides]
+
+
+def both_ranks(args: list[str]) -> list[subprocess.CompletedProcess]:
+    """The two processes of a ``trainer=cpu_ddp`` command started at once, as torchrun starts them (LOCAL_RANK
+    set: Lightning launches none itself), so that their start-ups share the two cores instead of taking turns."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    rank = partial(command, "src.finetune", args, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    with ThreadPoolExecutor(WORLD) as pool:
+        return list(pool.map(lambda r: rank(LOCAL_RANK=str(r)), range(WORLD)))
 
 
 @pytest.mark.slow
 def test_two_processes_report_the_metrics_of_one(tmp_path):
-    one, _ = finetune_cli(tmp_path / "one", "trainer.devices=1")
-    two, output = finetune_cli(tmp_path / "two", "trainer=cpu_ddp")
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output  # really two processes, 301 and 300 bank images each
+    from src.pipeline.fit import run
+
+    run(compose_config(knn_run(tmp_path / "one", "trainer.devices=1"), config_name="finetune"))
+    ranks = both_ranks(knn_run(tmp_path / "two", "trainer=cpu_ddp"))
+    for done in ranks:
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name / "knn" / "metrics.json").read_text()) for name in ("one", "two"))
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in ranks[1].stdout + ranks[1].stderr  # 301 and 300 bank images each
     assert two["knn/bank_size"] == one["knn/bank_size"] == 601  # gathered, not duplicated
     assert two["knn/query_size"] == one["knn/query_size"] == 301
     for key in ("knn/top1", "knn/top5", "knn/pixels_top1", "knn/pixels_top5"):

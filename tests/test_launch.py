@@ -29,6 +29,7 @@ from torch.distributed.fsdp import ShardingStrategy
 from src.config import ConfigError
 from src.methods import method_class
 from src.pipeline.run_folder import LAST, PREVIOUS, check_same_run, record_run, resume_checkpoint
+from src.pipeline.settle import settle
 from src.pipeline.strategy import build_strategy, cluster_plugins, maybe_compile, requeue_signal, transformer_blocks
 
 MAE_LIGHT = ["objective.decoder_dim=32", "objective.decoder_depth=1", "objective.decoder_heads=2", "knn=null"]
@@ -49,8 +50,8 @@ ONE_TASK_SLURM = {
 def built_module(door: str, overrides: list[str]):
     cfg = compose_config(["logger=csv", "runs_dir=/nonexistent", *overrides], config_name=door)
     method = method_class(cfg.method)  # not prepare(): it refuses trainer=fsdp on a machine without a GPU
-    method.resolve_config(cfg)
-    return cfg, method.from_config(cfg)
+    settled = settle(cfg, method)
+    return settled.cfg, settled.build()
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Every registered encoder honours the same contract (in the manner of timm's tests/test_models.py).
 
-Masked-input interface (forward_visible, forward_mask_token, forward_pooled), timm's model contract
+Masked-input interface (forward_visible, forward_mask_token, forward_pooled; encode_tokens and its
+parameters for the flat token encoders), timm's model contract
 (features_only, forward_intermediates, group_matcher, no_weight_decay, gradient checkpointing), and the
 export: encoder weights without the mask token that timm loads strictly, into timm's own counterpart model
 where one exists and into our registered arch through timm's pretrained-file path.
@@ -18,6 +19,7 @@ from timm.models import group_parameters, model_entrypoint
 
 import src.encoders  # noqa: F401  (registers every family with timm)
 from src.encoders.base import MaskedEncoder
+from src.encoders.pos_embed import interpolate_pos_embed
 from src.methods.base import encoder_export_state
 
 # every arch the toolkit registers with timm (whatever its name), none of timm's own
@@ -86,6 +88,54 @@ def test_masked_input_interface(name: str) -> None:
         else:
             with pytest.raises(NotImplementedError):
                 model.forward_visible(x, torch.zeros(2, 1, dtype=torch.long))
+
+
+# one arch of each flat token family: the sizes share one code path
+TOKEN_FAMILIES = sorted({family(name): name for name in ENCODERS if family(name) != "pale"}.values())
+
+
+@pytest.mark.parametrize("name", [n for n in TOKEN_FAMILIES if family(n) != "beit"])
+def test_encode_tokens_is_what_forward_visible_runs(name: str) -> None:
+    """One encoding path: forward_visible is the patch embedding + encode_tokens, and another grid only resizes
+    the position table (what detection's ConvStem tokens go through, without the prefix tokens)."""
+    model = build(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.tensor([[0, 3, 9], [5, 1, 15]])
+    with torch.no_grad():
+        patches = model.patch_embed(x)
+        assert torch.equal(model.encode_tokens(patches, model.patch_grid, keep), model.forward_visible(x, keep))
+        assert torch.equal(model.encode_tokens(patches, model.patch_grid), model.forward_features(x))
+        tokens = torch.randn(2, 6 * 10, model.num_features)
+        bare = model.encode_tokens(tokens, (6, 10), prefix=False)
+        assert bare.shape == (2, 60, model.num_features)
+        table = interpolate_pos_embed(model.pos_embed[:, model.num_prefix_tokens :], model.patch_grid, (6, 10))
+        torch.testing.assert_close(bare, model.norm(model.blocks(tokens + table)))
+
+
+@pytest.mark.parametrize("name", TOKEN_FAMILIES)
+@pytest.mark.parametrize("prefix", [True, False])
+def test_token_parameters_are_exactly_what_encode_tokens_trains(name: str, prefix: bool) -> None:
+    model = build(name, pos_embed_type="learn") if family(name).startswith("vit") else build(name)
+    grid = model.patch_grid
+    tokens = torch.randn(2, grid[0] * grid[1], model.num_features)
+    if family(name) == "beit" and not prefix:
+        with pytest.raises(ValueError, match="cls token"):
+            model.encode_tokens(tokens, grid, prefix=False)
+        with pytest.raises(ValueError, match="cls token"):
+            model.token_parameters(prefix=False)
+        return
+    model.encode_tokens(tokens, grid, prefix=prefix).square().sum().backward()
+    listed = {id(p) for p in model.token_parameters(prefix)}
+    assert {id(p) for p in model.parameters() if p.grad is not None} == listed
+
+
+def test_beit_refuses_what_its_relative_position_bias_cannot_place() -> None:
+    model = build("mim_beit_tiny_patch16")
+    tokens = torch.randn(1, 16, model.num_features)
+    with pytest.raises(NotImplementedError, match="cannot drop tokens"):
+        model.encode_tokens(tokens, model.patch_grid, torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match=r"\(4, 4\) patch grid .* not a \(2, 8\) grid"):
+        model.encode_tokens(tokens, (2, 8))
 
 
 @pytest.mark.parametrize("name", ENCODERS)

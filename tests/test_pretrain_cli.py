@@ -1,9 +1,12 @@
-"""The front door end to end, in real processes: config errors, a run with its outputs, kill-and-resume, DDP."""
+"""The front door end to end: config errors (in-process, and one through the command), a run with its outputs,
+rerun reproducibility, kill-and-resume and DDP in real processes."""
 
 from __future__ import annotations
 
 import csv
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,24 +17,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import REPO, TINY, start_pretraining
+from conftest import TINY, CommandRun, command, commands, compose_config, start_pretraining
+from hydra.errors import HydraException
+from safetensors.torch import load_file
 
-pytestmark = pytest.mark.slow  # every test here starts real processes
+from src.config import ConfigError
+from src.pipeline.export import export_run
+from src.pipeline.fit import run
 
 MAE_LIGHT = ["objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4"]
-
-
-def run_cli(args: list[str], timeout: int = 240, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "src.pretrain", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kwargs,
-    )
 
 
 def last_step(ckpt: Path) -> int:
@@ -50,27 +44,39 @@ def last_step(ckpt: Path) -> int:
     ],
 )
 def test_bad_config_fails_before_training_naming_the_key(tmp_path, override, named):
-    result = run_cli([*TINY, f"runs_dir={tmp_path}", *override], timeout=120)
-    assert result.returncode != 0
-    assert named in result.stderr + result.stdout
+    """Composed by Hydra as the command composes it, then run through the pipeline the command runs."""
+    with pytest.raises((ConfigError, HydraException), match=re.escape(named)):
+        run(compose_config([*TINY, f"runs_dir={tmp_path}", *override]))
     assert not list(tmp_path.glob("*/checkpoints"))  # nothing trained
 
 
+@pytest.mark.slow
+def test_the_command_says_a_bad_config_in_one_line_and_exits_1(tmp_path):
+    """The one command-line case of the errors above: status 1, one line naming the key, no traceback."""
+    result = command(
+        "src.pretrain", [*TINY, f"runs_dir={tmp_path}", "dataset=image_folder", "dataset.root=/nonexistent/photos"]
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("config error: dataset.root: image folder /nonexistent/photos does not exist"), last
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*/checkpoints"))  # nothing trained
+
+
+@pytest.mark.slow
 def test_cfg_job_prints_the_composed_config():
-    result = run_cli(["objective=mae", "encoder=vit_l", "--cfg", "job"], timeout=60)
+    result = command("src.pretrain", ["objective=mae", "encoder=vit_l", "--cfg", "job"], timeout=60)
     assert result.returncode == 0, result.stderr
     assert "arch: mim_vit_large_patch16" in result.stdout and "mask_ratio: 0.75" in result.stdout
 
 
-def test_run_writes_checkpoint_exports_pictures_and_offline_wandb(tmp_path):
-    args = [*TINY, *MAE_LIGHT, f"runs_dir={tmp_path}", "run_name=full", "logger=wandb", "pictures.every_n_steps=2"]
-    result = run_cli(args)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "full"
+@pytest.mark.slow
+def test_run_writes_checkpoint_exports_pictures_and_offline_wandb(pretrain_command_run: CommandRun, tmp_path):
+    run_dir, result = pretrain_command_run.run_dir, pretrain_command_run.done
     assert "run finished at step 4" in result.stdout
-    assert last_step(run / "checkpoints" / "last.ckpt") == 4
-    assert list((run / "pictures").glob("step*.png"))
-    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert last_step(run_dir / "checkpoints" / "last.ckpt") == 4
+    assert list((run_dir / "pictures").glob("step*.png"))
+    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert offline and offline[0].stat().st_size > 0
     assert "kNN top-1  :" in result.stdout
     output = result.stdout + result.stderr
@@ -83,39 +89,39 @@ def test_run_writes_checkpoint_exports_pictures_and_offline_wandb(tmp_path):
         img_size=32,
         patch_size=4,
         depth=2,
-        checkpoint_path=str(run / "export" / "encoder.safetensors"),
+        checkpoint_path=str(run_dir / "export" / "encoder.safetensors"),
     )
-    from safetensors.torch import load_file
-
-    exported = load_file(str(run / "export" / "encoder.safetensors"))
+    exported = load_file(str(run_dir / "export" / "encoder.safetensors"))
     assert torch.equal(vit.blocks[1].mlp.fc2.weight, exported["blocks.1.mlp.fc2.weight"])
-    official = torch.load(run / "export" / "mae_full_official.pth", weights_only=True)["model"]
+    official = torch.load(run_dir / "export" / "mae_full_official.pth", weights_only=True)["model"]
     assert "decoder_pred.weight" in official and "blocks.0.attn.qkv.weight" in official
     # the export command rebuilds the run from its saved config and writes the same weights
-    from src.export import export_run
-
-    again = load_file(str(export_run(run, out_dir=tmp_path / "again")["encoder"]))
+    again = load_file(str(export_run(run_dir, out_dir=tmp_path / "again")["encoder"]))
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
 
 
-def test_a_rerun_with_the_same_seed_reproduces_the_weights_and_the_loss(tmp_path):
-    from safetensors.torch import load_file
+@pytest.mark.slow
+def test_a_rerun_with_the_same_seed_reproduces_the_weights_and_the_loss(pretrain_command_run: CommandRun, tmp_path):
+    """The shared run again, and with another seed: both commands at once, in processes of their own."""
 
-    def run(name: str, seed: int) -> tuple[dict[str, torch.Tensor], list[dict[str, str]]]:
-        run_args = [f"runs_dir={tmp_path}", f"run_name={name}", f"seed={seed}", "trainer.log_every_n_steps=1"]
-        result = run_cli([*TINY, *MAE_LIGHT, *run_args])
-        assert result.returncode == 0, result.stderr[-3000:]
-        with open(tmp_path / name / "csv" / "metrics.csv") as f:
+    def history(run_dir: Path) -> list[dict[str, str]]:
+        with open(run_dir / "csv" / "metrics.csv") as f:
             # losses, lr and kNN scores step by step; throughput is the one logged column that may differ
-            history = [{k: v for k, v in row.items() if k != "train/images_per_sec"} for row in csv.DictReader(f)]
-        assert any(row.get("train/loss") for row in history)
-        return load_file(str(tmp_path / name / "export" / "encoder.safetensors")), history
+            rows = [{k: v for k, v in row.items() if k != "train/images_per_sec"} for row in csv.DictReader(f)]
+        assert any(row.get("train/loss") for row in rows)
+        return rows
 
-    weights, history = run("first", 0)
-    again, history_again = run("again", 0)
-    assert all(torch.equal(weights[k], again[k]) for k in weights)
-    assert history == history_again
-    other, _ = run("other_seed", 1)
+    def encoder(run_dir: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(run_dir / "export" / "encoder.safetensors"))
+
+    first, args = pretrain_command_run.run_dir, [*pretrain_command_run.args, f"runs_dir={tmp_path}"]
+    again = ("src.pretrain", [*args, "run_name=again"])
+    for done in commands(again, ("src.pretrain", [*args, "run_name=other_seed", "seed=1"])):
+        assert done.returncode == 0, done.stderr[-3000:]
+    weights, same = encoder(first), encoder(tmp_path / "again")
+    assert all(torch.equal(weights[k], same[k]) for k in weights)
+    assert history(first) == history(tmp_path / "again")
+    other = encoder(tmp_path / "other_seed")
     assert not torch.equal(weights["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
 
 
@@ -138,6 +144,7 @@ def test_export_of_vit_b_loads_into_timm_vit_base_patch16_224(tmp_path):
     assert torch.equal(vit.pos_embed, encoder.pos_embed)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_at_the_same_step(tmp_path):
     args = [*TINY, *MAE_LIGHT, f"runs_dir={tmp_path}", "run_name=killed", "epochs=50", "checkpoint_every_n_steps=2"]
     ckpt = tmp_path / "killed" / "checkpoints" / "last.ckpt"
@@ -153,7 +160,8 @@ def test_killed_run_resumes_at_the_same_step(tmp_path):
     killed_at = last_step(ckpt)  # loads completely: a kill mid-save can only leave a temporary file
     assert killed_at >= 6 and killed_at % 2 == 0
 
-    result = run_cli([*args, "resume=true", f"trainer.max_steps={killed_at + 3}", "resume_changes=[trainer.max_steps]"])
+    resumed = [*args, "resume=true", f"trainer.max_steps={killed_at + 3}", "resume_changes=[trainer.max_steps]"]
+    result = command("src.pretrain", resumed)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Restored all states from the checkpoint" in result.stdout + result.stderr
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -178,13 +186,16 @@ def test_partial_writes_of_a_killed_save_are_removed(tmp_path):
     assert not stale.exists() and live.exists() and torch.load(tmp_path / "last.ckpt", weights_only=True)["step"] == 3
 
 
-def test_resume_false_refuses_to_overwrite(tmp_path):
-    args = [*TINY, *MAE_LIGHT, f"runs_dir={tmp_path}", "run_name=once", "trainer.max_steps=1", "export=false"]
-    assert run_cli(args).returncode == 0
-    again = run_cli([*args, "resume=false"], timeout=120)
-    assert again.returncode != 0 and "resume" in again.stderr
+@pytest.mark.slow
+def test_resume_false_refuses_to_overwrite(pretrain_command_run: CommandRun, tmp_path):
+    """A copy of the shared run's folder, so that the refusal cannot touch what other tests read."""
+    shutil.copytree(pretrain_command_run.run_dir, tmp_path / "first")
+    cfg = compose_config([*pretrain_command_run.args, f"runs_dir={tmp_path}", "run_name=first", "resume=false"])
+    with pytest.raises(ConfigError, match=r"already holds .*last\.ckpt: pass resume=auto"):
+        run(cfg)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_on_cpu(tmp_path):
     args = [
         *TINY,
@@ -195,7 +206,7 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
         "trainer.devices=2",
         "dataset.train_limit=128",
     ]
-    result = run_cli(args, timeout=300)
+    result = command("src.pretrain", args)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out
@@ -204,11 +215,8 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
 
 
+@pytest.mark.slow
 def test_warmup_counts_real_batches_per_epoch_when_max_steps_stops_early(tmp_path, caplog):
-    from conftest import compose_config
-
-    from src.pipeline.fit import run
-
     # 64 images / 16 per batch = 4 steps per epoch: warm-up 1 epoch = 4 steps, whatever epochs/max_steps say
     cfg = compose_config(
         [

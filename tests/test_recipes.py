@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from hydra.errors import MissingConfigException
 
 from src.config import ConfigError
 from src.pipeline.fit import prepare
-from tests.conftest import REPO, compose_config
+from tests.conftest import REPO, commands, compose_config
 
 FRONT_DOORS = {  # recipes/<folder> -> the command that reads it
     "pretrain": "src.pretrain",
@@ -50,12 +46,11 @@ def test_a_misspelt_or_foreign_recipe_fails_naming_the_valid_ones(recipe: str) -
 
 @pytest.mark.slow
 def test_help_lists_the_recipes_of_each_front_door() -> None:
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    for door, module in FRONT_DOORS.items():
-        out = subprocess.run(
-            [sys.executable, "-m", module, "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-        )
+    """The four commands at once: each is a front door's one start from the command line in this file."""
+    helps = commands(*((module, ["--help"]) for module in FRONT_DOORS.values()), timeout=120)
+    for door, out in zip(FRONT_DOORS, helps, strict=True):
         assert out.returncode == 0, out.stderr[-2000:]
         line = next(line for line in out.stdout.splitlines() if line.startswith("recipe: "))
         listed = {name.strip() for name in line.removeprefix("recipe: ").split(",")}
         assert listed == {recipe for folder, recipe in RECIPES if folder == door}, (door, listed)
+        assert "\ncombo:" not in out.stdout and "show_config=true" in out.stdout  # combo is picked, never chosen

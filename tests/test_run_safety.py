@@ -9,8 +9,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import REPO, TINY, compose_config
+from conftest import TINY, CommandRun, compose_config
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -28,9 +26,10 @@ from src.methods.base import encoder_export_state
 from src.methods.mae import MAE
 from src.methods.optim import create_optimizer
 from src.pipeline.callbacks import NonFiniteGuard
-from src.pipeline.fit import RunResult, prepare, run, summary
+from src.pipeline.fit import prepare, run
 from src.pipeline.output import HARMLESS_LOG_LINES, HARMLESS_WARNINGS
 from src.pipeline.run_folder import LOCK_FILE, PREVIOUS
+from src.pipeline.summary import RunResult, summary
 
 MAE_COMPUTE_LOSS = MAE.compute_loss
 MAE_LIGHT = ["objective.decoder_dim=32", "objective.decoder_depth=1", "objective.decoder_heads=2", "knn=null"]
@@ -50,7 +49,7 @@ def encoder_file(path: Path, seed: int) -> Path:
 
 
 def linear(tmp_path: Path, checkpoint: Path, *extra: str):
-    overrides = [*TINY, *FAST, "epochs=1", "task=linear", "task.pool=avg", f"init.checkpoint={checkpoint}"]
+    overrides = [*TINY, *FAST, "epochs=1", "objective=linear", "objective.pool=avg", f"init.checkpoint={checkpoint}"]
     overrides.append(f"runs_dir={tmp_path}")
     return compose_config([*overrides, *extra], config_name="finetune")
 
@@ -258,14 +257,9 @@ def test_a_run_that_keeps_diverging_stops_and_keeps_its_last_good_weights(tmp_pa
 
 # ---- what a run prints ------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_run_prints_each_line_once_and_no_known_harmless_warning(tmp_path: Path) -> None:
-    overrides = [*TINY, *MAE_LIGHT, *FAST, "trainer.max_steps=2", f"runs_dir={tmp_path}", "run_name=out"]
-    overrides += ["logger=wandb", "logger.wandb.mode=offline"]
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    done = subprocess.run(
-        [sys.executable, "-m", "src.pretrain", *overrides], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_a_run_prints_each_line_once_and_no_known_harmless_warning(pretrain_command_run: CommandRun) -> None:
+    """What the shared front-door run (W&B offline, pictures, kNN) printed, and its own log."""
+    done = pretrain_command_run.done
     printed = (done.stdout + done.stderr).replace("\r", "\n")
     progress_bar = re.compile(r"it/s[\],]")
     lines = [line for line in printed.splitlines() if line.strip("-| ") and not progress_bar.search(line)]
@@ -274,7 +268,7 @@ def test_a_run_prints_each_line_once_and_no_known_harmless_warning(tmp_path: Pat
         assert not re.search(message, printed), message
     assert "skipped    : 0 corrupt samples (named in the warnings), 0 steps with NaN/inf gradients" in done.stdout
     assert re.search(r"W&B run    : .*offline-run-.*wandb sync", done.stdout)
-    run_log = (tmp_path / "out" / "pretrain.log").read_text()  # Lightning's lines reach the run's own log
+    run_log = (pretrain_command_run.run_dir / "pretrain.log").read_text()  # Lightning's lines reach the run's own log
     assert "GPU available" in run_log and "lr " in run_log
 
 

@@ -71,12 +71,12 @@ def test_tokenizer_training_lowers_reconstruction_loss_on_fashion_mnist(tmp_path
             "trainer.accelerator=cpu",
             "trainer.devices=1",
             "trainer.log_every_n_steps=1",
-            "tokenizer.vocab_size=64",
-            "tokenizer.downsample=4",
-            "tokenizer.img_size=16",
-            "tokenizer.hidden=64",
-            "tokenizer.optim.base_lr=4e-3",
-            "tokenizer.res_blocks=1",
+            "objective.vocab_size=64",
+            "objective.downsample=4",
+            "objective.img_size=16",
+            "objective.hidden=64",
+            "objective.optim.base_lr=4e-3",
+            "objective.res_blocks=1",
             "dataset.train_limit=3072",
             "epochs=1",
             "dataset.knn_bank=32",
@@ -122,8 +122,8 @@ def test_tokenizer_config_errors_name_the_key(tmp_path: Path) -> None:
         tokenizer_spec(missing)
     with pytest.raises(ConfigError, match=r"objective.tokenizer.kind='bpe'"):
         tokenizer_spec(OmegaConf.create({"kind": "bpe", "path": None}))
-    with pytest.raises(ConfigError, match="tokenizer.vocab_size"):
-        run(compose_config([f"runs_dir={tmp_path}", "tokenizer.vocab_size=1"], config_name="tokenizer"))
+    with pytest.raises(ConfigError, match="objective.vocab_size"):
+        run(compose_config([f"runs_dir={tmp_path}", "objective.vocab_size=1"], config_name="tokenizer"))
 
 
 # ---- DALL-E ------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_the_front_door_says_it_in_one_line_and_exits_1(root: Path, tmp_path: Pa
     for ann in coco["annotations"]:
         ann["iscrowd"] = 1
     (root / "annotations/instances_train.json").write_text(json.dumps(coco))
-    overrides = ["task=detect", "encoder=pale_t", "dataset=deepforest_trees", "dataset.build=null"]
+    overrides = ["objective=detect", "encoder=pale_t", "dataset=deepforest_trees", "dataset.build=null"]
     overrides += [f"dataset.root={root}", "dataset.num_classes=2", f"runs_dir={tmp_path}", "logger=csv"]
     overrides += ["trainer.accelerator=cpu", "num_workers=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

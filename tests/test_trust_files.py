@@ -21,12 +21,14 @@ from safetensors.torch import load_file, save_file
 import src.encoders  # noqa: F401  (registers the encoder families)
 from src.config import ConfigError
 from src.encoders import create_encoder
-from src.encoders.loading import load_encoder_weights, load_state_dict_file, read_checkpoint, save_weights
-from src.export import export_run, main, pickle_allowed
+from src.encoders.loading import InitCheckpoint, load_encoder_weights, read_checkpoint
+from src.export import main
+from src.files import load_state_dict_file, save_weights
 from src.methods.mae import MAE
 from src.methods.teacher import ClassifierRecord, InputSpec
+from src.pipeline.export import export_run, pickle_allowed
 from src.pipeline.fit import prepare
-from src.pipeline.run_folder import CONFIG_FILE, LAST, PREVIOUS
+from src.pipeline.run_folder import CONFIG_FILE, LAST, PREVIOUS, config_text
 from src.tokenizers import load_tokenizer, save_tokenizer, tokenizer_spec
 from src.tokenizers.vq import VQTokenizer
 
@@ -124,7 +126,7 @@ def test_init_tensor_of_another_kind_is_refused_naming_the_key(tmp_path: Path) -
     save_file(state, str(tmp_path / "ints.safetensors"))
     init = OmegaConf.create({"checkpoint": str(tmp_path / "ints.safetensors")})
     with pytest.raises(ConfigError, match=r"cls_token holds torch.int64 there but torch.float32 here"):
-        load_encoder_weights(model, init, cfg.encoder)
+        load_encoder_weights(model, InitCheckpoint.read(init), cfg.encoder)
 
 
 def test_a_pickle_payload_as_init_checkpoint_never_runs(tmp_path: Path) -> None:
@@ -152,7 +154,7 @@ def vq_files(tmp_path: Path) -> Path:
         ({"downsample": True}, "downsample=True is not a int"),
         ({"ema_decay": None}, "ema_decay=None is not a float"),
         ({"layers": 3}, "layers=3 is not one of"),
-        ({"img_size": 18}, "img_size=18 must be a multiple of tokenizer.downsample=4"),
+        ({"img_size": 18}, "img_size=18 must be a multiple of downsample=4"),
     ],
 )
 def test_tokenizer_json_with_garbage_or_wrong_types_is_named(vq_files: Path, spec, said: str) -> None:
@@ -194,10 +196,10 @@ def test_classifier_metadata_with_garbage_is_named(tmp_path: Path) -> None:
 def run_folder(tmp_path: Path, overrides: list[str], config_name: str = "pretrain") -> Path:
     """A run folder as a run leaves it (its settled config), without training: export reads only files."""
     cfg = compose_config([*overrides, f"runs_dir={tmp_path}", "run_name=run"], config_name)
-    prepare(cfg)
+    settled = prepare(cfg)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / CONFIG_FILE).write_text(config_text(settled.cfg))
     return run_dir
 
 
@@ -205,7 +207,7 @@ def save_checkpoint(run_dir: Path, name: str, step: int, seed: int) -> dict[str,
     """A checkpoint of the run at ``step``, with weights drawn from ``seed``; returns them."""
     torch.manual_seed(seed)
     cfg = OmegaConf.load(run_dir / CONFIG_FILE)
-    state = MAE.from_config(cfg).state_dict() if cfg.method == "mae" else {}
+    state = MAE.from_config(cfg, InitCheckpoint()).state_dict() if cfg.method == "mae" else {}
     (run_dir / "checkpoints").mkdir(exist_ok=True)
     torch.save({"state_dict": state, "global_step": step}, run_dir / "checkpoints" / name)
     return state
@@ -217,7 +219,7 @@ PICKLE_SWITCHES = {  # each place a config names a file that may be unpickled: (
         ["objective=beit", "objective.target_patch=4", "objective.tokenizer.kind=dalle"],
     ),
     "objective.teacher": ("pretrain", ["objective=deit", "objective.teacher.arch=resnet10t"]),
-    "init": ("finetune", ["task=knn", "knn=null"]),
+    "init": ("finetune", ["objective=knn", "knn=null"]),
 }
 
 

@@ -46,29 +46,29 @@ def random_targets(batch: int, size: int, device: torch.device) -> list[dict[str
     return targets
 
 
-def build_model(ratio: float, size: int, device: torch.device) -> torch.nn.Module:
+def build_model(size: int, device: torch.device) -> torch.nn.Module:
     """MIMDet Mask R-CNN on ``ARCH`` (the paper's 4-block 512-wide decoder, 256-wide heads), 80 classes."""
     encoder = timm.create_model(ARCH, img_size=224, num_classes=0, drop_path_rate=0.1)
-    backbone = MIMDetBackbone(encoder, train_ratio=ratio)
+    backbone = MIMDetBackbone(encoder)
     return build_detector(backbone, 80, True, [size], size, size, [0.5] * 3, [0.25] * 3).to(device).train()
 
 
 def detection_step(ratio: float, batch: int, size: int, device: torch.device) -> Callable[[], None]:
     """The whole detector: forward (RPN, box and mask losses), backward and an AdamW step."""
-    model = build_model(ratio, size, device)
+    model = build_model(size, device)
     images = [torch.rand(3, size, size, device=device) for _ in range(batch)]
     targets = random_targets(batch, size, device)
-    return optimizer_step(lambda: sum(model(images, targets).values()), model.parameters())
+    return optimizer_step(lambda: sum(model(images, targets, ratio=ratio).values()), model.parameters())
 
 
 def backbone_step(ratio: float, batch: int, size: int, device: torch.device) -> Callable[[], None]:
     """The backbone alone (ConvStem, sampled encoder, decoder, FPN), a sum of its maps as the loss: what the
     ratio acts on, without the heads' fixed cost."""
-    backbone = build_model(ratio, size, device).backbone
+    backbone = build_model(size, device).backbone
     images = torch.rand(batch, 3, size, size, device=device)
     sizes = [(size, size)] * batch
     return optimizer_step(
-        lambda: sum(m.float().mean() for m in backbone(images, sizes).values()), backbone.parameters()
+        lambda: sum(m.float().mean() for m in backbone(images, sizes, ratio).values()), backbone.parameters()
     )
 
 

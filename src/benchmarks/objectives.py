@@ -75,10 +75,10 @@ PEAK_BF16_TFLOPS = {
 
 
 def beit_step(encoder: DictConfig, batch: int, img_size: int, device: torch.device) -> Callable[[], None]:
-    """BEiT's step as ``BEiT.from_config`` builds it (conf/objective/beit.yaml: drop path, 16 px targets), with this
-    toolkit's VQ tokenizer (conf/tokenizer/tokenizer.yaml, random, frozen) on the view at (target grid) x its
+    """BEiT's step as ``BEiT.from_config`` builds it (conf/pretrain/objective/beit.yaml: drop path, 16 px targets),
+    with this toolkit's VQ tokenizer (conf/tokenizer/tokenizer.yaml, random, frozen) on the view at (target grid) x its
     downsampling, and blockwise masks drawn here, as the data workers draw them outside the step."""
-    objective = config("conf/objective/beit.yaml")
+    objective = config("conf/pretrain/objective/beit.yaml")
     model_encoder = create_encoder(encoder, img_size, drop_path_rate=objective.drop_path_rate)
     layout = target_layout(model_encoder, img_size, objective.target_patch)
     tokenizer_conf = OmegaConf.to_container(config("conf/tokenizer/tokenizer.yaml").tokenizer)
@@ -105,10 +105,11 @@ def beit_step(encoder: DictConfig, batch: int, img_size: int, device: torch.devi
 def deit_step(
     encoder: DictConfig, teacher: str | None, mix: bool, batch: int, img_size: int, device: torch.device
 ) -> Callable[[], None]:
-    """DeiT's step as ``DeiT.from_config`` builds it: the student of ``student_encoder_config`` and conf/objective's
-    distillation from ``teacher`` (a timm arch, random, frozen), or no teacher (distillation none: the supervised
-    baseline). ``mix``: mixup/cutmix as conf/augment/deit.yaml (they run in the step); else off."""
-    objective = config("conf/objective/deit.yaml")
+    """DeiT's step as ``DeiT.from_config`` builds it: the student of ``student_encoder_config`` and
+    conf/pretrain/objective's distillation from ``teacher`` (a timm arch, random, frozen), or no teacher
+    (distillation none: the supervised baseline). ``mix``: mixup/cutmix as conf/augment/deit.yaml (they run in the
+    step); else off."""
+    objective = config("conf/pretrain/objective/deit.yaml")
     augment = OmegaConf.to_container(config("conf/augment/deit.yaml"))
     if not mix:
         augment.update(mixup=0.0, cutmix=0.0)

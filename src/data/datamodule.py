@@ -1,4 +1,6 @@
-"""One LightningDataModule for every data source (Fashion-MNIST, image folders, tar shards).
+"""The LightningDataModule of images with labels: loaders, samplers and device views over a kind's sets.
+
+The kind of data (``dataset.kind``: Fashion-MNIST, image folders, tar shards) is a class in src/data/kinds.py.
 
 Batches are dicts: "image" (B, 3, H, W) float, "label" (B,) long (-1 = unlabelled), "skipped" (a long
 scalar: samples of this batch dropped as corrupt) and any extra tensors the sample transform returns.
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
-from functools import partial
 from typing import Any
 
 import lightning as L
@@ -21,15 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from src.config import ConfigError, RunStopped, UserError
-from src.data.builtin import CLASSES, TensorImageDataset, fashion_mnist_source, load_fashion_mnist
 from src.data.distributed import SampleExtras, SeededDataset, evaluation_sampler, training_sampler
-from src.data.folder import ImageFolderDataset, check_readable, scan_image_folder
-from src.data.shards import ShardDataset, check_shards_readable, expand_shards, manifest_counts
+from src.data.kinds import ImageKind, ImageRequest, check_image_keys, kind_class, kinds_of
+from src.data.shards import ShardDataset
 from src.data.transforms import DEVICE_TRANSFORMS, SampleTransform, StoredImages
 
 log = logging.getLogger(__name__)
-
-KINDS = ("fashion_mnist", "image_folder", "shards")
 
 
 def collate_skipping(samples: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:
@@ -123,21 +121,12 @@ class SkippingDataLoader(DataLoader):
         """Nothing to restore: the position is the trainer's (see the class docstring)."""
 
 
-def _positive_or_none(cfg: DictConfig, key: str, minimum: int = 1) -> int | None:
-    value = cfg.get(key)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < minimum):
-        raise ConfigError(f"dataset.{key} must be null or an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _required(cfg: DictConfig, key: str, example: str) -> Any:
-    if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg[key] is None:
-        raise ConfigError(f"dataset.{key} is required for dataset.kind={cfg.kind} (e.g. dataset.{key}={example})")
-    return cfg[key]
-
-
 class ImageDataModule(L.LightningDataModule):
-    """Training loader plus the labelled kNN bank/query loaders of the shared evaluation protocol."""
+    """Training loader plus the labelled kNN bank/query loaders of the shared evaluation protocol.
+
+    ``kind`` (the class ``dataset.kind`` names) checks its own keys and builds the sets; this module checks the keys
+    every image kind shares and the views, and makes the loaders.
+    """
 
     def __init__(
         self,
@@ -160,46 +149,34 @@ class ImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.train_repeats = train_repeats
         self.sample_extras = sample_extras
-        self.labelled = labelled  # training needs a label per sample (supervised runs)
         # the training loader hands uint8 images, whose views are made on the model's device (transfer_batch_to_device)
         self.device_transforms = bool(cfg.get("device_transforms", False))
-        self._train: Dataset | None = None
-        self._bank: Dataset | None = None
-        self._queries: Dataset | None = None
-        self._classes: list[str] | None = None
-        self._scanned: tuple[list[tuple[str, int]], dict[str, int]] | None = None
-        self._val_scanned: tuple[list[tuple[str, int]], dict[str, int]] | None = None
+        train_view = StoredImages() if self.device_transforms else train_transform
+        request = ImageRequest(train_view, eval_transform, batch_size, train_repeats, labelled)
+        self.kind = kind_class(cfg, ImageKind)(cfg, request)
+        self._sets: dict[str, Dataset] | None = None
         self.validate()
 
     # ---- checks --------------------------------------------------------------------------------
     def validate(self) -> None:
         """Fail fast on a bad dataset config: paths exist, sizes are sane; messages name the config key."""
         try:
-            self._validate()
+            check_image_keys(self.cfg, self.batch_size)
+            self._check_views()
+            self.kind.check()
         except FileNotFoundError as e:  # a missing folder, file or shard: the user's to fix
             raise ConfigError(str(e)) from None
 
-    def _validate(self) -> None:
-        cfg = self.cfg
-        if cfg.get("kind") not in KINDS:
-            raise ConfigError(f"dataset.kind must be one of {KINDS}, got {cfg.get('kind')!r}")
-        if _positive_or_none(cfg, "img_size") is None:
-            raise ConfigError("dataset.img_size is required")
-        for key in ("mean", "std"):
-            values = list(_required(cfg, key, "[0.5,0.5,0.5]"))
-            if len(values) != 3:
-                raise ConfigError(f"dataset.{key} needs 3 values (images are 3-channel), got {values}")
-        if min(cfg.std) <= 0:
-            raise ConfigError(f"dataset.std must be positive, got {list(cfg.std)}")
-        for key in ("knn_bank", "knn_queries", "num_classes"):
-            _positive_or_none(cfg, key)
-        train_limit = _positive_or_none(cfg, "train_limit", minimum=self.batch_size)
-
+    def _check_views(self) -> None:
+        """Batched views (``tensor_transforms``) and views made on the device need in-memory images and transforms
+        that have those forms."""
+        cfg, kind = self.cfg, self.cfg.kind
+        in_memory = "/".join(name for name, known in kinds_of(ImageKind).items() if known.in_memory)
         if self.device_transforms:
-            if cfg.kind != "fashion_mnist" or not cfg.get("tensor_transforms", False):
+            if not self.kind.in_memory or not cfg.get("tensor_transforms", False):
                 raise ConfigError(
                     "dataset.device_transforms=true needs the in-memory built-in set with batched views "
-                    f"(dataset.kind=fashion_mnist, dataset.tensor_transforms=true), got kind={cfg.kind}, "
+                    f"(dataset.kind={in_memory}, dataset.tensor_transforms=true), got kind={kind}, "
                     f"tensor_transforms={cfg.get('tensor_transforms', False)}"
                 )
             if not isinstance(self.train_transform, DEVICE_TRANSFORMS):
@@ -209,129 +186,51 @@ class ImageDataModule(L.LightningDataModule):
                     "(MAE's views have); set dataset.device_transforms=false"
                 )
         if cfg.get("tensor_transforms", False):
-            if cfg.kind != "fashion_mnist":
-                raise ConfigError(f"dataset.tensor_transforms=true needs in-memory images (fashion_mnist): {cfg.kind}")
+            if not self.kind.in_memory:
+                raise ConfigError(f"dataset.tensor_transforms=true needs in-memory images ({in_memory}): {kind}")
             for role, transform in (("training", self.train_transform), ("evaluation", self.eval_transform)):
                 if not hasattr(transform, "batch"):
                     raise ConfigError(
                         f"dataset.tensor_transforms=true: this run's {role} transform ({type(transform).__name__}) "
                         "has no batched form; set dataset.tensor_transforms=false"
                     )
-        if cfg.kind == "fashion_mnist":
-            fashion_mnist_source(_required(cfg, "root", "/usr/share/datasets/fashion-mnist"))
-            self._check_num_classes(CLASSES, "Fashion-MNIST (or the digits standing in) has")
-        elif cfg.kind == "image_folder":
-            root = _required(cfg, "root", "/data/imagenet/train")
-            self._scanned = scan_image_folder(root, "dataset.root")  # listed once here, reused by setup
-            check_readable(self._scanned[0], root, "dataset.root")
-            self._classes = sorted(self._scanned[1])
-            self._check_num_classes(len(self._classes), f"dataset.root={root} has class folders for")
-            if cfg.get("val_root") is not None:
-                self._val_scanned = scan_image_folder(cfg.val_root, "dataset.val_root", self._scanned[1])
-                check_readable(self._val_scanned[0], cfg.val_root, "dataset.val_root")
-        else:
-            if train_limit is not None:
-                raise ConfigError("dataset.train_limit does not apply to shards; use dataset.samples_per_epoch")
-            if self.train_repeats > 1:
-                raise ConfigError("dataset.kind=shards streams samples: repeated augmentation cannot apply")
-            evaluated = cfg.get("val_urls") is not None  # the kNN bank is the training shards: they need labels too
-            if evaluated and cfg.get("num_classes") is None:
-                raise ConfigError(
-                    "dataset.num_classes is required with dataset.val_urls: the kNN evaluation votes over that many "
-                    "classes, and shards do not say how many there are (set it to the largest .cls label + 1)"
-                )
-            urls = {"train_urls": _required(cfg, "train_urls", "'data/train-{000000..000009}.tar'")}
-            if evaluated:
-                urls["val_urls"] = cfg.val_urls
-            for key, pattern in urls.items():
-                shards = expand_shards(pattern, f"dataset.{key}")
-                manifest_counts(shards)
-                check_shards_readable(shards, f"dataset.{key}", cfg.get("num_classes"), self.labelled or evaluated)
-            if OmegaConf.is_missing(cfg, "samples_per_epoch"):
-                raise ConfigError("dataset.samples_per_epoch is required for shards (null = one pass per epoch)")
-            if _positive_or_none(cfg, "samples_per_epoch", minimum=self.batch_size) is None and cfg.get("resampled"):
-                raise ConfigError("dataset.resampled=true streams without end: set dataset.samples_per_epoch")
-
-    def _check_num_classes(self, labels: int, what: str) -> None:
-        """``dataset.num_classes``, when set, must cover the data's labels 0..labels-1 (kNN and heads index by them)."""
-        num_classes = self.cfg.get("num_classes")
-        if num_classes is not None and num_classes < labels:
-            raise ConfigError(
-                f"dataset.num_classes={num_classes} but {what} {labels} classes (labels up to {labels - 1}): "
-                f"set dataset.num_classes={labels}"
-            )
 
     # ---- datasets ------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
-        """Build the datasets once (Lightning may call this per stage)."""
-        if self._train is not None:
+        """Build the kind's sets once (Lightning may call this per stage)."""
+        if self._sets is not None:
             return
-        cfg = self.cfg
-        if cfg.kind == "fashion_mnist":
-            train_images, train_labels = load_fashion_mnist(cfg.root, "train")
-            test_images, test_labels = load_fashion_mnist(cfg.root, "test")
-            dataset = partial(TensorImageDataset, batched=bool(cfg.get("tensor_transforms", False)))
-            train_view = StoredImages() if self.device_transforms else self.train_transform
-            self._train = dataset(train_images, train_labels, train_view, cfg.get("train_limit"))
-            self._bank = dataset(train_images, train_labels, self.eval_transform, cfg.get("knn_bank"))
-            self._queries = dataset(test_images, test_labels, self.eval_transform, cfg.get("knn_queries"))
-        elif cfg.kind == "image_folder":
-            train = ImageFolderDataset(cfg.root, self.train_transform, key="dataset.root", scanned=self._scanned)
-            self._train = train.view(self.train_transform, cfg.get("train_limit"))
-            if cfg.get("val_root") is not None:
-                self._bank = train.view(self.eval_transform, cfg.get("knn_bank"))
-                self._queries = ImageFolderDataset(
-                    cfg.val_root, self.eval_transform, limit=cfg.get("knn_queries"), scanned=self._val_scanned
-                )
-        else:
-            epoch, num_classes = cfg.get("samples_per_epoch"), cfg.get("num_classes")
-            self._train = ShardDataset(
-                cfg.train_urls,
-                self.train_transform,
-                key="dataset.train_urls",
-                num_samples=epoch,
-                repeat=epoch is not None,
-                split_by_node=True,
-                shuffle_buffer=cfg.get("shuffle_buffer", 1000),
-                batch_size=self.batch_size,
-                resampled=bool(cfg.get("resampled", False)),
-                num_classes=num_classes,
-                labelled=self.labelled,
-            )
-            if not self._train.resampled and len(self._train.shards) < self._world_size():
-                raise ConfigError(
-                    f"dataset.train_urls has {len(self._train.shards)} shards for {self._world_size()} ranks; "
-                    "every rank needs at least one (write more, smaller shards)"
-                )
-            if cfg.get("val_urls") is not None:
-                evaluation = partial(
-                    ShardDataset, transform=self.eval_transform, batch_size=self.batch_size, num_classes=num_classes
-                )
-                self._bank = evaluation(cfg.train_urls, num_samples=cfg.get("knn_bank"), labelled=True)
-                self._queries = evaluation(
-                    cfg.val_urls, key="dataset.val_urls", num_samples=cfg.get("knn_queries"), labelled=True
-                )
-        if not isinstance(self._train, IterableDataset) and len(self._train) < self.batch_size:
+        sets = self.kind.build()
+        train = sets["train"]
+        if not isinstance(train, IterableDataset) and len(train) < self.batch_size:
             raise ConfigError(
-                f"the training set has {len(self._train)} images (dataset.train_limit={cfg.get('train_limit')}) "
+                f"the training set has {len(train)} images (dataset.train_limit={self.cfg.get('train_limit')}) "
                 f"but batch_size is {self.batch_size}: drop_last would leave no batches"
             )
+        self._sets = sets
 
     # ---- loaders -------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        assert self._train is not None
-        if isinstance(self._train, ShardDataset):  # streamed: whole shards per rank and worker
-            if self._world_size() > 1 and self._train.num_samples is None:
+        assert self._sets is not None
+        train = self._sets["train"]
+        if isinstance(train, ShardDataset):  # streamed: whole shards per rank and worker
+            world = self._world_size()
+            if not train.resampled and len(train.shards) < world:
+                raise ConfigError(
+                    f"dataset.train_urls has {len(train.shards)} shards for {world} ranks; "
+                    "every rank needs at least one (write more, smaller shards)"
+                )
+            if world > 1 and train.num_samples is None:
                 raise ConfigError(
                     "dataset.samples_per_epoch=null with several processes: ranks would run out of shards at "
                     "different steps and wait for each other forever; set dataset.samples_per_epoch"
                 )
-            workers = self._workers_for(self._train, per_rank=True)
-            rank_zero_info(f"data: {self._train.describe(self._world_size(), workers)}")
-            return self._loader(self._train, workers, True, batch_size=self.batch_size, drop_last=True)
-        sampler = training_sampler(self.trainer, len(self._train), self.batch_size, self.seed, self.train_repeats)
-        dataset = SeededDataset(self._train, self.sample_extras)
+            workers = self._workers_for(train, per_rank=True)
+            rank_zero_info(f"data: {train.describe(world, workers)}")
+            return self._loader(train, workers, True, batch_size=self.batch_size, drop_last=True)
+        sampler = training_sampler(self.trainer, len(train), self.batch_size, self.seed, self.train_repeats)
+        dataset = SeededDataset(train, self.sample_extras)
         return self._loader(dataset, self.num_workers, True, batch_sampler=sampler)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -370,9 +269,11 @@ class ImageDataModule(L.LightningDataModule):
         caller reads the whole sets (the rank-zero kNN monitor).
         """
         self.setup()
-        if self._bank is None or self._queries is None:
+        assert self._sets is not None
+        bank, queries = self._sets.get("bank"), self._sets.get("queries")
+        if bank is None or queries is None:
             return None
-        return self._eval_loader(self._bank, rank_split), self._eval_loader(self._queries, rank_split)
+        return self._eval_loader(bank, rank_split), self._eval_loader(queries, rank_split)
 
     def val_dataloader(self) -> DataLoader | list:
         """The kNN query loader, split over the ranks (for methods with a validation_step); [] when there is none."""
@@ -398,10 +299,10 @@ class ImageDataModule(L.LightningDataModule):
     # ---- facts other code needs ----------------------------------------------------------------
     @property
     def num_classes(self) -> int | None:
-        """From ``dataset.num_classes``, else the image folder's class count; None if unknown (shards)."""
+        """From ``dataset.num_classes``, else what the data shows (an image folder's class count); None if unknown."""
         if self.cfg.get("num_classes") is not None:
             return int(self.cfg.num_classes)
-        return len(self._classes) if self._classes is not None else None
+        return self.kind.num_classes
 
     @property
     def img_size(self) -> int:

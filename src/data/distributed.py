@@ -140,6 +140,11 @@ class SeededDataset(Dataset):
 Position = Callable[[], tuple[int, int]]
 
 
+def global_batch(batch_size: int, world_size: int, accumulate: int) -> int:
+    """Samples per optimizer step: the one product the sampler, the lr scaling and elastic resume all read."""
+    return batch_size * world_size * accumulate
+
+
 class GlobalBatchSampler(Sampler[list[SampleKey]]):
     """Micro-batches of ``(index, seed)`` keys for one rank; the global batches are the same at any world size.
 
@@ -162,7 +167,7 @@ class GlobalBatchSampler(Sampler[list[SampleKey]]):
         self.size, self.batch_size, self.world_size, self.rank = size, batch_size, world_size, rank
         self.accumulate, self.seed, self.position = accumulate, seed, position
         self.shuffle, self.repeats = shuffle, repeats
-        self.global_batch = batch_size * world_size * accumulate
+        self.global_batch = global_batch(batch_size, world_size, accumulate)
         if size < self.global_batch:
             raise ConfigError(
                 f"batch_size={batch_size}: the training set has {size} samples but the global batch is "

@@ -8,7 +8,10 @@ C5 is its 2x max-pool. Both backbones end in the same torchvision FPN, so the de
 encoder it got: ``{"0": P2, "1": P3, "2": P4, "3": P5, "pool": P6}``, what torchvision's anchor generator and
 ``MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"])`` expect.
 
-Layout, as timm's model files: building blocks (stem, position tables, token sampling), modules, builders.
+The ViT is reached only through the encoder contract (``encode_tokens``, ``token_parameters``) and the decoder
+is MAE's own stack (``src/encoders/decoder.py``).
+
+Layout, as timm's model files: building blocks (stem, token sampling, decoder keys), modules, builders.
 """
 
 from __future__ import annotations
@@ -19,13 +22,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models._manipulate import checkpoint_seq
-from timm.models.vision_transformer import Block
 from torch import nn
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from src.encoders.pos_embed import sincos_2d
+from src.encoders.base import PatchTokenEncoder
+from src.encoders.decoder import TokenGridDecoder, decoder_block
 from src.encoders.vit import init_linear_and_norm
 
 __all__ = [
@@ -38,7 +40,6 @@ __all__ = [
     "backbone_kind",
     "build_backbone",
     "decoder_state_from_mae",
-    "interpolate_pos_embed",
     "sample_tokens",
     "valid_token_mask",
 ]
@@ -46,6 +47,7 @@ __all__ = [
 STRIDE = 16  # the ViT token stride the ConvStem produces
 SIZE_DIVISOR = 32  # C5 halves the stride-16 grid, so inputs are padded to a multiple of 32
 PYRAMID_STRIDES = [4, 8, 16, 32]  # the stage strides a hierarchical encoder must have to feed the FPN
+PerImage = list[torch.Generator] | None  # one generator per image (its draws follow its own seed); None: the global one
 
 
 # ---- building blocks -----------------------------------------------------------------------------------------
@@ -81,22 +83,6 @@ class ConvStem(nn.Module):
         c2 = self.stages[1](x)
         c3 = self.stages[2](c2)
         return c2, c3, self.proj(self.stages[3](c3))
-
-
-def interpolate_pos_embed(table: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> torch.Tensor:
-    """(1, h0*w0, C) patch rows -> (1, h*w, C), bicubic (align_corners=False) as MIMDet resizes online.
-
-    Detection grids follow each batch's padded size and are rarely square; the pretraining table is
-    resampled per forward. The same grid returns ``table`` itself.
-    """
-    (h0, w0), (h, w) = tuple(src_grid), tuple(dst_grid)
-    if table.shape[1] != h0 * w0:
-        raise ValueError(f"position table of shape {tuple(table.shape)} does not hold a {h0}x{w0} grid")
-    if (h0, w0) == (h, w):
-        return table
-    grid = table.float().reshape(1, h0, w0, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(table.dtype)
 
 
 def sample_tokens(
@@ -145,8 +131,8 @@ def valid_token_mask(
 
 @cache
 def _block_keys() -> tuple[str, ...]:
-    """Parameter names of one timm ``Block`` as MAE's decoder builds it (from a throwaway tiny one)."""
-    return tuple(Block(4, 1, mlp_ratio=4.0, qkv_bias=True).state_dict())
+    """Parameter names of one MAE decoder block (from a throwaway tiny one)."""
+    return tuple(decoder_block(4, 1).state_dict())
 
 
 def decoder_state_from_mae(
@@ -169,75 +155,49 @@ def decoder_state_from_mae(
 
 # ---- modules ---------------------------------------------------------------------------------------------------
 class PartialInputEncoder(nn.Module):
-    """The ViT's blocks and final norm over a random subset of ConvStem tokens; no cls token.
+    """The ViT over a random subset of ConvStem tokens, through the encoder contract's ``encode_tokens``.
 
-    It owns the ViT (``encoder``, timm names) and runs only its ``norm_pre``, ``blocks``, ``norm`` and the
-    patch rows of ``pos_embed`` (resized to the grid); drop path is the one built into the blocks. The rest
-    (patch embedding, cls/register/distillation and mask tokens, heads) never runs in detection and is frozen
-    here, so DDP meets no trainable parameter without a gradient. The sample ratio follows the mode:
-    ``train_ratio`` in training, ``eval_ratio`` (1.0: every token, as MIMDet evaluates) in eval.
+    It owns the ViT (``encoder``, timm names) and asks it to encode the sampled stem tokens on their grid, with
+    no prefix token and the position table resized to that grid; drop path is the one built into the blocks.
+    What ``encode_tokens`` does not run (``token_parameters``: patch embedding, cls and mask tokens, heads) is
+    frozen here, so DDP meets no trainable parameter without a gradient.
     """
 
-    def __init__(self, encoder: nn.Module, train_ratio: float = 0.5, eval_ratio: float = 1.0) -> None:
+    def __init__(self, encoder: PatchTokenEncoder) -> None:
         super().__init__()
-        for ratio in (train_ratio, eval_ratio):
-            if not 0.0 < ratio <= 1.0:
-                raise ValueError(f"token sample ratios must be in (0, 1], got {ratio}")
-        self.train_ratio, self.eval_ratio = train_ratio, eval_ratio
-        self.generators: list[torch.Generator] | None = None  # one per image, set by the detector per batch
         self.encoder = encoder
-        self.num_pos_prefix = 0 if getattr(encoder, "no_embed_class", False) else encoder.num_prefix_tokens
-        self.pos_grid = tuple(encoder.patch_embed.grid_size)
-        used = {id(p) for part in (encoder.norm_pre, encoder.blocks, encoder.norm) for p in part.parameters()}
-        used.add(id(encoder.pos_embed))  # fixed sin-cos stays frozen; a learned table keeps training
+        used = {id(p) for p in encoder.token_parameters(prefix=False)}
         for param in encoder.parameters():
             if id(param) not in used:
                 param.requires_grad_(False)
 
-    @property
-    def ratio(self) -> float:
-        return self.train_ratio if self.training else self.eval_ratio
-
     def forward(
-        self, tokens: torch.Tensor, valid: torch.Tensor, generator: torch.Generator | None = None
+        self, tokens: torch.Tensor, valid: torch.Tensor, ratio: float = 1.0, generators: PerImage = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B, D, h, w), valid (B, h, w) -> (latent (B, K, D) final-normed, ids_keep (B, K) ascending)."""
-        vit = self.encoder
+        """tokens (B, D, h, w), valid (B, h, w) -> (latent (B, K, D) final-normed, ids_keep (B, K) ascending).
+
+        ``ratio`` of the tokens are kept (``sample_tokens``), drawn from ``generators`` (one per image) if given.
+        """
         h, w = tokens.shape[-2:]
-        x = tokens.flatten(2).transpose(1, 2)
-        pos = interpolate_pos_embed(vit.pos_embed[:, self.num_pos_prefix :], self.pos_grid, (h, w))
-        x = x + pos.to(x.dtype)
-        ids_keep = sample_tokens(valid.flatten(1), self.ratio, self.generators if generator is None else generator)
-        if ids_keep.shape[1] < x.shape[1]:
-            x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = vit.norm_pre(x)
-        if getattr(vit, "grad_checkpointing", False) and not torch.jit.is_scripting():
-            x = checkpoint_seq(vit.blocks, x)  # the ViT's own switch (set_grad_checkpointing)
-        else:
-            x = vit.blocks(x)
-        return vit.norm(x), ids_keep
+        ids_keep = sample_tokens(valid.flatten(1), ratio, generators)
+        keep = ids_keep if ids_keep.shape[1] < h * w else None  # every token: no gather
+        latent = self.encoder.encode_tokens(tokens.flatten(2).transpose(1, 2), (h, w), keep, prefix=False)
+        return latent, ids_keep
 
 
-class MIMDetDecoder(nn.Module):
-    """MAE decoder blocks that rebuild the full stride-16 map (C4) from the encoded tokens.
+class MIMDetDecoder(TokenGridDecoder):
+    """MAE's decoder stack (``src/encoders/decoder.py``) rebuilding the full stride-16 map (C4) from the tokens.
 
-    Names mirror MAE's so the first ``depth`` blocks of an MAE checkpoint load directly
-    (``decoder_state_from_mae``). ``pos_grid`` is the pretraining grid (MAE's), so the fixed sin-cos
-    ``decoder_pos_embed`` (zero cls row first, as MAE's) has the checkpoint's shape; it is resized online.
+    Names are MAE's, so the first ``depth`` blocks of an MAE checkpoint load directly (``decoder_state_from_mae``).
+    ``pos_grid`` is the pretraining grid (MAE's), so the fixed sin-cos ``decoder_pos_embed`` has the checkpoint's
+    shape; it is resized online. ``fill_proj`` (new in MIMDet) projects the stem features where nothing was sampled.
     """
 
     def __init__(self, embed_dim: int, decoder_dim: int, depth: int, num_heads: int, pos_grid: tuple[int, int]) -> None:
         super().__init__()
-        self.pos_grid = tuple(pos_grid)
         self.decoder_dim = decoder_dim
-        self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
-        self.fill_proj = nn.Linear(embed_dim, decoder_dim)  # new in MIMDet: stem features where nothing was sampled
-        table = sincos_2d(decoder_dim, self.pos_grid, num_prefix_tokens=1)
-        self.decoder_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_dim, num_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)]
-        )
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        fill = ("fill_proj", nn.Linear(embed_dim, decoder_dim))
+        self.build_decoder(embed_dim, decoder_dim, depth, num_heads, pos_grid, fill)
         self.apply(init_linear_and_norm)
 
     def assemble(self, latent: torch.Tensor, ids_keep: torch.Tensor, stem_tokens: torch.Tensor) -> torch.Tensor:
@@ -253,12 +213,7 @@ class MIMDetDecoder(nn.Module):
     def forward(self, latent: torch.Tensor, ids_keep: torch.Tensor, stem_tokens: torch.Tensor) -> torch.Tensor:
         """latent (B, K, D), ids_keep (B, K), stem tokens (B, D, h, w) -> C4 (B, dec, h, w)."""
         b, _, h, w = stem_tokens.shape
-        x = self.assemble(latent, ids_keep, stem_tokens)
-        pos = interpolate_pos_embed(self.decoder_pos_embed[:, 1:], self.pos_grid, (h, w))
-        x = x + pos.to(x.dtype)
-        for block in self.decoder_blocks:
-            x = block(x)
-        x = self.decoder_norm(x)
+        x = self.decode(self.assemble(latent, ids_keep, stem_tokens), (h, w))
         return x.transpose(1, 2).reshape(b, self.decoder_dim, h, w)
 
 
@@ -277,26 +232,22 @@ class MIMDetBackbone(nn.Module):
 
     def __init__(
         self,
-        encoder: nn.Module,
+        encoder: PatchTokenEncoder,
         decoder_dim: int = 512,
         decoder_depth: int = 4,
         decoder_heads: int = 16,
-        train_ratio: float = 0.5,
-        eval_ratio: float = 1.0,
         out_channels: int = 256,
     ) -> None:
         super().__init__()
-        missing = [
-            name
-            for name in ("blocks", "norm_pre", "norm", "pos_embed", "patch_embed", "embed_dim")
-            if not hasattr(encoder, name)
-        ]
-        if missing:
-            raise ValueError(f"MIMDetBackbone needs a plain ViT encoder; {type(encoder).__name__} lacks {missing}")
-        dim = encoder.embed_dim
+        if backbone_kind(encoder) != "mimdet":
+            raise ValueError(
+                f"MIMDetBackbone needs a flat token encoder that encodes a sample of its tokens "
+                f"(PatchTokenEncoder with supports_token_drop); {type(encoder).__name__} is not one"
+            )
+        dim = encoder.num_features
         self.stem = ConvStem(dim)
-        self.encoder_input = PartialInputEncoder(encoder, train_ratio, eval_ratio)
-        self.decoder = MIMDetDecoder(dim, decoder_dim, decoder_depth, decoder_heads, encoder.patch_embed.grid_size)
+        self.encoder_input = PartialInputEncoder(encoder)
+        self.decoder = MIMDetDecoder(dim, decoder_dim, decoder_depth, decoder_heads, encoder.patch_grid)
         self.fpn = _fpn([dim // 4, dim // 2, decoder_dim, decoder_dim], out_channels)
         self.out_channels = out_channels
 
@@ -305,8 +256,14 @@ class MIMDetBackbone(nn.Module):
         """The ViT (registered once, under ``encoder_input``): what exports and checkpoint loading see."""
         return self.encoder_input.encoder
 
-    def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]]) -> OrderedDict[str, torch.Tensor]:
-        """images (B, 3, H, W) padded to a multiple of 32, image_sizes the real (h, w) -> FPN levels."""
+    def forward(
+        self, images: torch.Tensor, image_sizes: list[tuple[int, int]], ratio: float = 1.0, generators: PerImage = None
+    ) -> OrderedDict[str, torch.Tensor]:
+        """images (B, 3, H, W) padded to a multiple of 32, image_sizes the real (h, w) -> FPN levels.
+
+        The encoder sees ``ratio`` of the stride-16 tokens (1.0: all, as MIMDet evaluates), each image's sample
+        drawn from its own generator when ``generators`` are given (else from the global one).
+        """
         height, width = images.shape[-2:]
         if height % SIZE_DIVISOR or width % SIZE_DIVISOR:
             raise ValueError(
@@ -316,7 +273,7 @@ class MIMDetBackbone(nn.Module):
             raise ValueError(f"{len(image_sizes)} image sizes for a batch of {images.shape[0]} images")
         c2, c3, tokens = self.stem(images)
         valid = valid_token_mask(image_sizes, tuple(tokens.shape[-2:]), images.device)
-        latent, ids_keep = self.encoder_input(tokens, valid)
+        latent, ids_keep = self.encoder_input(tokens, valid, ratio, generators)
         c4 = self.decoder(latent, ids_keep, tokens)
         c5 = F.max_pool2d(c4, 2)  # MIMDet's parameter-free C5; the grid is even, so no rounding choice arises
         return self.fpn(OrderedDict([("0", c2), ("1", c3), ("2", c4), ("3", c5)]))
@@ -325,7 +282,8 @@ class MIMDetBackbone(nn.Module):
 class HierarchicalBackbone(nn.Module):
     """A pyramid encoder's four stage maps (strides 4..32) -> the same FPN, as the Pale paper's Mask R-CNN.
 
-    Such encoders (Pale) cannot drop tokens, so every image is seen whole and ``image_sizes`` is unused.
+    Such encoders (Pale) cannot drop tokens, so every image is seen whole (``ratio`` 1.0); ``image_sizes`` and
+    ``generators`` are unused.
     The encoder's final norm and classifier are pruned (timm's ``features_only`` way) and its mask token
     frozen: detection never uses them, and DDP must not meet parameters without gradients.
     """
@@ -345,15 +303,21 @@ class HierarchicalBackbone(nn.Module):
         self.fpn = _fpn([level["num_chs"] for level in info], out_channels)
         self.out_channels = out_channels
 
-    def forward(self, images: torch.Tensor, image_sizes: list[tuple[int, int]]) -> OrderedDict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, image_sizes: list[tuple[int, int]], ratio: float = 1.0, generators: PerImage = None
+    ) -> OrderedDict[str, torch.Tensor]:
+        if ratio != 1.0:
+            raise ValueError(
+                f"{type(self.encoder).__name__} samples no tokens: the sample ratio must be 1.0, got {ratio}"
+            )
         maps = self.encoder.forward_intermediates(images, intermediates_only=True)
         return self.fpn(OrderedDict((str(i), level) for i, level in enumerate(maps)))
 
 
 # ---- builders --------------------------------------------------------------------------------------------------
 def backbone_kind(encoder: nn.Module) -> str | None:
-    """``"mimdet"`` for encoders that can drop tokens (plain ViT), ``"pyramid"`` for four-stage encoders (Pale)."""
-    if getattr(encoder, "supports_token_drop", False):
+    """``"mimdet"`` for token encoders that can drop tokens (plain ViT), ``"pyramid"`` for four-stage ones (Pale)."""
+    if isinstance(encoder, PatchTokenEncoder) and encoder.supports_token_drop:
         return "mimdet"
     strides = [level.get("reduction") for level in getattr(encoder, "feature_info", [])]
     if hasattr(encoder, "forward_intermediates") and strides == PYRAMID_STRIDES:

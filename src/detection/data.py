@@ -1,4 +1,5 @@
-"""COCO-format instance data for the detector: dataset, the recipe's train augmentation, collate, datamodule.
+"""COCO-format instance data for the detector: dataset, the recipe's train augmentation, collate, its data kind
+(``CocoKind``, registered in src/data/kinds.py's ``DATA_KINDS`` when this module is imported), datamodule.
 
 Samples follow torchvision's detection format: an unnormalised float image (3, H, W) in [0, 1] at its own
 size and a target dict (boxes xyxy float32, labels 1..K int64, masks (N, H, W) uint8 when the set has
@@ -14,7 +15,7 @@ import logging
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -22,15 +23,16 @@ import lightning as L
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
-from src.config import ConfigError, Rule, check_rules
+from src.config import ConfigError
 from src.data.datamodule import SkippingDataLoader
 from src.data.distributed import SeededDataset, evaluation_sampler, training_sampler
 from src.data.folder import decode_or_none
+from src.data.kinds import DataKind, kind_class, register_kind
 from src.detection.build_sets import ensure_built
 
 log = logging.getLogger(__name__)
@@ -517,37 +519,6 @@ def read_coco(path: Path, key: str, images: Path, images_key: str, masks: bool, 
     return {"images": list(by_id.values()), "annotations": kept, "categories": categories}
 
 
-# ---- config checks ------------------------------------------------------------------------------------------------
-def _ints(n: int | None = None) -> Callable[[Any], bool]:
-    """A rule: a non-empty list of positive integers (of length ``n`` if given)."""
-    return lambda v: all(isinstance(x, int) and x > 0 for x in v) and len(v) > 0 and (n is None or len(v) == n)
-
-
-REQUIRED_KEYS = ("root", "train_annotations", "val_annotations", "images", "masks", "num_classes", "crop")
-DATASET_RULES: list[Rule] = [
-    ("kind", lambda v: v == "coco", "must be coco for detection"),
-    ("images", lambda v: isinstance(v, str) or set(v) == {"train", "val"}, "must be a folder or {train: .., val: ..}"),
-    ("masks", lambda v: isinstance(v, bool), "must be true or false"),
-    ("mean", lambda v: len(v) == 3, "needs 3 values (images are 3-channel)"),
-    ("std", lambda v: len(v) == 3 and min(v) > 0, "needs 3 positive values"),
-    ("num_classes", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-    ("sizes.train", _ints(), "must be a non-empty list of positive integers (shortest-edge sizes)"),
-    ("sizes.test", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
-    ("sizes.max", lambda v: isinstance(v, int) and v > 0, "must be a positive integer"),
-    ("crop.prob", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    ("crop.sizes", _ints(), "must be a non-empty list of positive integers (shortest-edge sizes)"),
-    ("crop.range", lambda v: _ints(2)(v) and v[0] <= v[1], "must be [min, max] positive integers, min <= max"),
-]
-
-
-def check_dataset_config(cfg: DictConfig) -> None:
-    """The dataset keys alone (no file is read), so a typo fails before a set is built."""
-    for key in REQUIRED_KEYS:
-        if key not in cfg or OmegaConf.is_missing(cfg, key) or cfg[key] is None:
-            raise ConfigError(f"dataset.{key} is required: set it, e.g. dataset.{key}=... (see conf/dataset/coco.yaml)")
-    check_rules(cfg, "dataset", DATASET_RULES)
-
-
 def image_folder(cfg: DictConfig, split: str) -> tuple[Path, str]:
     """``dataset.images`` (one folder) or ``dataset.images.<split>`` (COCO's train2017/val2017), under the root."""
     if isinstance(cfg.images, str):
@@ -572,8 +543,44 @@ def load_coco_set(cfg: DictConfig, masks: bool) -> dict[str, dict[str, Any]]:
     return sets
 
 
+@register_kind
+class CocoKind(DataKind):
+    """COCO-format instances, read by ``CocoDataModule``: "train" (augmented; crowds and slivers dropped) and "val".
+
+    ``check`` builds the set first when ``dataset.build`` names a builder, then reads and checks both JSONs and the
+    files they name; ``masks`` says whether the sets decode masks.
+    """
+
+    name = "coco"
+    reader = "the detection data module (objective=detect)"
+
+    def __init__(self, cfg: DictConfig, masks: bool) -> None:
+        super().__init__(cfg)
+        self.masks = masks
+        self._json: dict[str, dict[str, Any]] | None = None
+        self.class_names: list[str] = []  # class_names[label - 1], once checked
+
+    def check(self) -> None:
+        ensure_built(self.cfg)
+        self._json = load_coco_set(self.cfg, self.masks)
+        self.class_names = [c["name"] for c in sorted(self._json["train"]["categories"], key=lambda c: c["id"])]
+
+    def build(self) -> dict[str, Dataset]:
+        """Index the parsed JSONs, then let them go."""
+        assert self._json is not None, "check() first"
+        crop = self.cfg.crop
+        augment = DetectionTrainTransform(0.5, crop.prob, list(crop.sizes), list(crop.range))
+        sets: dict[str, Dataset] = {}
+        for split, coco in self._json.items():
+            train = split == "train"
+            folder = image_folder(self.cfg, split)[0]
+            sets[split] = CocoDetection(folder, coco, self.masks, train=train, transform=augment if train else None)
+        self._json = None
+        return sets
+
+
 class CocoDataModule(L.LightningDataModule):
-    """Training and validation loaders of a COCO-format set, built first when ``dataset.build`` names a builder.
+    """Training and validation loaders over the sets of ``kind`` (the class ``dataset.kind`` names).
 
     Everything is checked at construction (before a model is built); errors name the ``dataset.*`` key.
     ``masks`` (default ``dataset.masks``) says whether batches carry masks.
@@ -585,29 +592,20 @@ class CocoDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg, self.batch_size, self.num_workers, self.seed = cfg, batch_size, num_workers, seed
         self.masks = bool(cfg.get("masks")) if masks is None else masks
-        check_dataset_config(cfg)
-        ensure_built(cfg)
-        self._json: dict[str, dict[str, Any]] | None = load_coco_set(cfg, self.masks)
-        self.class_names = [c["name"] for c in sorted(self._json["train"]["categories"], key=lambda c: c["id"])]
-        self._sets: dict[str, CocoDetection] = {}
+        self.kind = kind_class(cfg, CocoKind)(cfg, self.masks)
+        self.kind.check()
+        self.class_names = self.kind.class_names
+        self._sets: dict[str, Dataset] | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        """Index the parsed JSONs once (Lightning may call this per stage), then let them go."""
-        if self._json is None:
-            return
-        crop = self.cfg.crop
-        augment = DetectionTrainTransform(0.5, crop.prob, list(crop.sizes), list(crop.range))
-        for split, coco in self._json.items():
-            train = split == "train"
-            folder = image_folder(self.cfg, split)[0]
-            self._sets[split] = CocoDetection(
-                folder, coco, self.masks, train=train, transform=augment if train else None
-            )
-        self._json = None
+        """Build the kind's sets once (Lightning may call this per stage)."""
+        if self._sets is None:
+            self._sets = self.kind.build()
 
     def train_dataloader(self) -> DataLoader:
         """Global batches that hold the same images, drawn under the same seeds, at any world size."""
         self.setup()
+        assert self._sets is not None
         train = self._sets["train"]
         sampler = training_sampler(self.trainer, len(train), self.batch_size, self.seed)
         return self._loader(SeededDataset(train), batch_sampler=sampler)
@@ -615,6 +613,7 @@ class CocoDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Each rank evaluates its share of the images; the AP metric gathers the predictions."""
         self.setup()
+        assert self._sets is not None
         val = self._sets["val"]
         sampler = evaluation_sampler(self.trainer, len(val))
         return self._loader(val, batch_size=self.batch_size, sampler=sampler)
@@ -635,7 +634,7 @@ class CocoDataModule(L.LightningDataModule):
 
         Builds the set first if ``dataset.build`` asks for one, so a model can be made before the datamodule.
         """
-        check_dataset_config(cfg)
+        kind_class(cfg, CocoKind)
         ensure_built(cfg)
         path, key = Path(cfg.root) / cfg.val_annotations, "dataset.val_annotations"
         return [c["name"] for c in CocoCheck(load_json(path, key), path, key).categories()]

@@ -44,10 +44,11 @@ ANCHOR_RATIOS = (0.5, 1.0, 2.0)
 class DetectionTransform(GeneralizedRCNNTransform):
     """Normalise, resize and pad to a multiple of 32; the resize follows train/eval mode.
 
-    With ``generators`` (one per image) each image draws its training size from its own generator.
+    While ``draws`` is set (one generator per image, in order: only ever for one detector call) each image draws
+    its training size from its own generator.
     """
 
-    generators: list[torch.Generator] | None = None
+    draws: Iterator[torch.Generator] | None = None
 
     def __init__(
         self, train_sizes: Sequence[int], test_size: int, max_size: int, mean: Sequence[float], std: Sequence[float]
@@ -60,19 +61,16 @@ class DetectionTransform(GeneralizedRCNNTransform):
         self.min_size = self.train_sizes if mode else (self.test_size,)  # torchvision draws from min_size in training
         return self
 
-    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None):  # noqa: ANN201 - torchvision's
-        self._draws = iter(self.generators) if self.generators is not None else None
-        return super().forward(images, targets)
-
     def torch_choice(self, k: list[int]) -> int:
         """torchvision calls this once per image, in order: the image's own generator when there is one."""
-        if getattr(self, "_draws", None) is None:
+        if self.draws is None:
             return super().torch_choice(k)
-        return k[int(torch.randint(len(k), (1,), generator=next(self._draws)))]
+        return k[int(torch.randint(len(k), (1,), generator=next(self.draws)))]
 
 
 class SeededSampler(BalancedPositiveNegativeSampler):
-    """torchvision's balanced positive/negative sampler; with ``generators`` set, image i draws with generator i."""
+    """torchvision's balanced positive/negative sampler; while ``generators`` is set (for one detector call), image
+    i draws with generator i."""
 
     generators: list[torch.Generator] | None = None
 
@@ -117,39 +115,51 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
 
 
 class PartialInputRCNN(GeneralizedRCNN):
-    """GeneralizedRCNN whose backbone takes ``(padded batch, real image sizes)``."""
+    """GeneralizedRCNN whose backbone takes ``(padded batch, real image sizes)``; the token sample ratio and the
+    per-image seeds are arguments of each call, never state left between calls."""
 
     @contextmanager
-    def drawn_per_image(self, seeds: list[int] | None) -> Iterator[None]:
-        """Every random choice of training (size, token sample, RPN and RoI samples) from each image's seed.
-
-        The choices then depend on the image, not on which rank or batch position it has. (Images of mixed
-        sizes still pad to their batch's largest, so exact agreement across world sizes needs one image size.)
-        """
-        parts = [(self.transform, SIZE_TAG), (self.rpn.fg_bg_sampler, RPN_TAG), (self.roi_heads.fg_bg_sampler, ROI_TAG)]
-        if hasattr(self.backbone, "encoder_input"):
-            parts.append((self.backbone.encoder_input, TOKEN_TAG))
-        for part, tag in parts:
-            part.generators = None if seeds is None else [derived_generator(seed, tag) for seed in seeds]
+    def _torchvision_draws(self, generators: dict[int, list[torch.Generator]]) -> Iterator[None]:
+        """torchvision calls the size choice and the two balanced samplers itself: hand them this call's per-image
+        generators for the call only (none: the global generator), and take them back however it ends."""
+        samplers = ((self.rpn.fg_bg_sampler, RPN_TAG), (self.roi_heads.fg_bg_sampler, ROI_TAG))
+        self.transform.draws = iter(generators[SIZE_TAG]) if generators else None
+        for sampler, tag in samplers:
+            sampler.generators = generators.get(tag)
         try:
             yield
         finally:
-            for part, _ in parts:
-                part.generators = None
+            self.transform.draws = None
+            for sampler, _ in samplers:
+                sampler.generators = None
 
     def forward(
-        self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None
+        self,
+        images: list[torch.Tensor],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+        ratio: float = 1.0,
+        seeds: list[int] | None = None,
     ) -> dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]:
-        """Training: the loss dict (targets required). Evaluation: detections in the input images' pixels."""
+        """Training: the loss dict (targets required). Evaluation: detections in the input images' pixels.
+
+        ``ratio``: the fraction of stride-16 tokens a token-sampling backbone's encoder sees (1.0: all of them).
+        ``seeds`` (one per image): every random choice of training (size, token sample, RPN and RoI samples) is
+        drawn from the image's own seed, so it depends on the image, not on which rank or batch position it has.
+        (Images of mixed sizes still pad to their batch's largest, so exact agreement across world sizes needs
+        one image size.) Without seeds they come from the global generator.
+        """
         if self.training and targets is None:
             raise ValueError("training needs targets")
+        tags = (SIZE_TAG, TOKEN_TAG, RPN_TAG, ROI_TAG)
+        generators = {} if seeds is None else {tag: [derived_generator(seed, tag) for seed in seeds] for tag in tags}
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        batch, targets = self.transform(images, targets)
-        features = self.backbone(batch.tensors, batch.image_sizes)
-        if isinstance(features, torch.Tensor):
-            features = OrderedDict([("0", features)])
-        proposals, proposal_losses = self.rpn(batch, features, targets)
-        detections, detector_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        with self._torchvision_draws(generators):
+            batch, targets = self.transform(images, targets)
+            features = self.backbone(batch.tensors, batch.image_sizes, ratio, generators.get(TOKEN_TAG))
+            if isinstance(features, torch.Tensor):
+                features = OrderedDict([("0", features)])
+            proposals, proposal_losses = self.rpn(batch, features, targets)
+            detections, detector_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
         if self.training:
             return {**detector_losses, **proposal_losses}
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)

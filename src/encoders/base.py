@@ -147,21 +147,43 @@ class MaskedEncoder(nn.Module, ABC):
 class PatchTokenEncoder(MaskedEncoder):
     """Flat token encoders (ViT, BEiT): prefix tokens, then one token per patch, the same width throughout.
 
-    Subclasses provide timm's ``patch_embed``, ``forward_features``, an optional ``fc_norm`` and
-    ``encode_patches`` (patch embeddings of the full grid -> final-normed prefix + patch tokens).
+    Subclasses provide timm's ``patch_embed``, ``forward_features``, an optional ``fc_norm``, and
+    ``encode_tokens``: the one encoding path every input takes, whether its patch embeddings come from the
+    encoder's own ``patch_embed`` (full grid, masked, or a kept subset) or from another stem on another grid
+    (detection's ConvStem). ``token_parameters`` says which parameters that path runs.
     """
 
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """The patch grid of the image size the encoder was built for: the grid its position table holds."""
+        return tuple(self.patch_embed.grid_size)
+
     @abstractmethod
-    def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) patch embeddings (no position embedding yet) -> (B, prefix + L, D) final-normed."""
+    def encode_tokens(
+        self, tokens: torch.Tensor, grid: tuple[int, int], keep_idx: torch.Tensor | None = None, prefix: bool = True
+    ) -> torch.Tensor:
+        """(B, h*w, D) patch embeddings on ``grid`` (no position embedding yet) -> final-normed tokens.
+
+        Adds the encoder's position table resized to ``grid`` (the table itself on ``patch_grid``), keeps the
+        tokens at ``keep_idx`` (B, K) if given, prepends the prefix tokens when ``prefix``, then runs the blocks
+        (under the encoder's own gradient-checkpointing switch) and the final norm:
+        (B, [num_prefix_tokens +] K or h*w, D). A family that cannot honour a request refuses it by name.
+        """
+
+    @abstractmethod
+    def token_parameters(self, prefix: bool = True) -> list[nn.Parameter]:
+        """The parameters ``encode_tokens`` runs: a caller that brings its own tokens (detection) freezes the rest."""
+
+    def forward_visible(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        return self.encode_tokens(self.patch_embed(x), self.patch_grid, keep_idx)
 
     def forward_mask_token(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        grid = tuple(self.patch_embed.grid_size)
+        grid = self.patch_grid
         if tuple(mask.shape[1:]) != grid:
             raise ValueError(f"{type(self).__name__} masks must lie on its {grid} patch grid, got {tuple(mask.shape)}")
         patches = self.patch_embed(x)
         patches = torch.where(mask.flatten(1).unsqueeze(-1), self.mask_token.to(patches.dtype), patches)
-        return self.encode_patches(patches)
+        return self.encode_tokens(patches, grid)
 
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Mean of the final-normed patch tokens (then ``fc_norm``, which is the identity unless pooling uses it)."""

@@ -76,9 +76,24 @@ class MaskableBeit(Beit, PatchTokenEncoder):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return mask_token_in_stem(super().group_matcher(coarse))
 
-    def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """cls + patch tokens -> blocks (with the shared bias when there is one) -> final norm."""
-        x = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
+    def _refuse_partial_input(self, grid: tuple[int, int], keep_idx: torch.Tensor | None, prefix: bool) -> None:
+        """The relative position bias is defined on the full training grid with the cls token: nothing else runs."""
+        if keep_idx is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot drop tokens: its relative position bias needs the full grid"
+            )
+        if tuple(grid) != self.patch_grid or not prefix:
+            raise ValueError(
+                f"{type(self).__name__} encodes only its {self.patch_grid} patch grid with its cls token (the relative "
+                f"position bias is defined there), not a {tuple(grid)} grid{'' if prefix else ' without prefix tokens'}"
+            )
+
+    def encode_tokens(
+        self, tokens: torch.Tensor, grid: tuple[int, int], keep_idx: torch.Tensor | None = None, prefix: bool = True
+    ) -> torch.Tensor:
+        """cls + patch tokens -> blocks (with the shared bias when there is one) -> final norm; the full grid only."""
+        self._refuse_partial_input(grid, keep_idx, prefix)
+        x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed
         x = self.pos_drop(x)
@@ -90,8 +105,15 @@ class MaskableBeit(Beit, PatchTokenEncoder):
                 x = block(x, shared_rel_pos_bias=shared_bias)
         return self.norm(x)
 
+    def token_parameters(self, prefix: bool = True) -> list[nn.Parameter]:
+        """The cls token, the position table if any, the shared bias if any, the blocks and the final norm."""
+        self._refuse_partial_input(self.patch_grid, None, prefix)
+        tokens = [t for t in (self.cls_token, self.pos_embed) if t is not None]
+        parts = [part for part in (self.rel_pos_bias, self.blocks, self.norm) if part is not None]
+        return tokens + [p for part in parts for p in part.parameters()]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode_patches(self.patch_embed(x))
+        return self.encode_tokens(self.patch_embed(x), self.patch_grid)
 
     def filter_checkpoint(
         self, state: dict[str, torch.Tensor], report: FilterReport, norm_to_fc_norm: bool = True

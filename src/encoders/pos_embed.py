@@ -1,8 +1,9 @@
-"""Fixed 2-D sine-cosine position embeddings, laid out as the official MAE code lays them out."""
+"""Fixed 2-D sine-cosine position embeddings, laid out as the official MAE code lays them out, and their resizing."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -29,3 +30,19 @@ def sincos_2d(dim: int, grid: tuple[int, int], num_prefix_tokens: int = 0) -> to
     emb = torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], dim=1)
     emb = torch.cat([torch.zeros(num_prefix_tokens, dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
+
+
+def interpolate_pos_embed(table: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]) -> torch.Tensor:
+    """(1, h0*w0, C) patch rows -> (1, h*w, C), bicubic (align_corners=False), as MIMDet resizes online.
+
+    Detection grids follow each batch's padded size and are rarely square, so a table is resampled per
+    forward. The same grid returns ``table`` itself (no op at all).
+    """
+    (h0, w0), (h, w) = tuple(src_grid), tuple(dst_grid)
+    if table.shape[1] != h0 * w0:
+        raise ValueError(f"position table of shape {tuple(table.shape)} does not hold a {h0}x{w0} grid")
+    if (h0, w0) == (h, w):
+        return table
+    grid = table.float().reshape(1, h0, w0, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(table.dtype)

@@ -33,7 +33,7 @@ from src.encoders.base import (
     pretrained_cfg,
     side_stream,
 )
-from src.encoders.pos_embed import sincos_2d
+from src.encoders.pos_embed import interpolate_pos_embed, sincos_2d
 
 # width / depth / heads / patch of every size: the one table both the plain and the distilled archs use
 SIZES: dict[str, dict[str, int]] = {
@@ -104,9 +104,15 @@ class MaskableViT(VisionTransformer, PatchTokenEncoder):
         prefix = torch.cat(tokens, dim=1)
         return prefix + self.pos_embed[:, : self.num_prefix_tokens]
 
-    def _encode(self, patches: torch.Tensor) -> torch.Tensor:
-        """Prefix tokens + already position-embedded patches -> blocks -> final norm."""
-        x = torch.cat([self._prefix_tokens(patches.shape[0]), patches], dim=1)
+    def encode_tokens(
+        self, tokens: torch.Tensor, grid: tuple[int, int], keep_idx: torch.Tensor | None = None, prefix: bool = True
+    ) -> torch.Tensor:
+        pos_rows = 0 if self.no_embed_class else self.num_prefix_tokens  # timm's table may hold no prefix rows
+        x = tokens + interpolate_pos_embed(self.pos_embed[:, pos_rows:], self.patch_grid, grid)
+        if keep_idx is not None:
+            x = torch.gather(x, 1, keep_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        if prefix:
+            x = torch.cat([self._prefix_tokens(x.shape[0]), x], dim=1)
         x = self.norm_pre(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
@@ -114,13 +120,11 @@ class MaskableViT(VisionTransformer, PatchTokenEncoder):
             x = self.blocks(x)
         return self.norm(x)
 
-    def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        return self._encode(patches + self.pos_embed[:, self.num_prefix_tokens :])
-
-    def forward_visible(self, x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embed(x) + self.pos_embed[:, self.num_prefix_tokens :]
-        kept = torch.gather(patches, 1, keep_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        return self._encode(kept)
+    def token_parameters(self, prefix: bool = True) -> list[nn.Parameter]:
+        """The position table, ``norm_pre``, the blocks and the final norm; the prefix tokens when ``prefix``."""
+        params = [self.pos_embed, *(p for part in (self.norm_pre, self.blocks, self.norm) for p in part.parameters())]
+        names = ("cls_token", "reg_token", "dist_token") if prefix else ()
+        return params + [token for token in (getattr(self, name, None) for name in names) if token is not None]
 
     def filter_checkpoint(
         self, state: dict[str, torch.Tensor], report: FilterReport, norm_to_fc_norm: bool = True

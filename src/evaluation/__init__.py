@@ -1,1 +1,2 @@
-"""Evaluation shared by methods and callbacks: weighted kNN on frozen features, confusion-matrix pictures."""
+"""Evaluation shared by methods and callbacks: weighted kNN on frozen features, confusion-matrix pictures (and the
+callback that saves them)."""

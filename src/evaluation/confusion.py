@@ -1,8 +1,15 @@
-"""A classifier's confusion matrix drawn as a picture (rows: true class, columns: predicted)."""
+"""A classifier's confusion matrix drawn as a picture (rows: true class, columns: predicted), and the callback
+that saves it after each validation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
 
 CELL = 28  # pixels per matrix cell, enough for a two-digit percentage in PIL's built-in font
@@ -29,3 +36,25 @@ def confusion_picture(matrix: torch.Tensor) -> Image.Image:
             if value >= 0.005:
                 draw.text((x0 + 3, y0 + 8), f"{100 * value:.0f}", fill="white" if value > 0.5 else "black")
     return img
+
+
+class ConfusionMatrixPicture(L.Callback):
+    """Draws ``pl_module.last_confusion`` (set at the end of each validation epoch) as ``confusion_stepN.png``."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.saved: list[Path] = []
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        matrix = getattr(pl_module, "last_confusion", None)
+        if matrix is None:
+            return
+        picture = confusion_picture(matrix)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"confusion_step{trainer.global_step:07d}.png"
+        picture.save(path)
+        self.saved.append(path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("pictures/confusion", [np.asarray(picture)], step=trainer.global_step)

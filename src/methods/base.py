@@ -3,15 +3,17 @@
 Methods add their heads and a loss (solo-learn's split). What a method declares, and the pipeline
 (``src/pipeline/fit.py``) calls, in order:
 
+- ``settle_config(cfg, init)``: the config with what it leaves to the method settled (a copy), once per run;
 - ``check_config(cfg)``: every value of its config section, before any data or model is built;
 - ``train_transform`` / ``eval_transform`` / ``train_repeats`` / ``sample_extras``: what its data module needs;
-- ``from_config(cfg)``: the module, encoder included;
+- ``from_config(cfg, init)``: the module, encoder included, started from the init checkpoint;
 - ``compute_loss`` (and ``make_picture``), ``callbacks``;
 - ``after_fit``: anything measured once training ends; ``export``: its weights in their released formats.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -26,22 +28,21 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from src.config import ConfigError, check_grid, check_rules
+from src.config import ConfigError, check_grid
 from src.data.datamodule import ImageDataModule, SampleTransform, build_datamodule
-from src.data.distributed import SampleExtras
+from src.data.distributed import SampleExtras, global_batch
 from src.data.transforms import EvalTransform, PretrainTransform
 from src.encoders import create_encoder
 from src.encoders.base import EXPORT_DROPPED, HEADS, MaskedEncoder
-from src.encoders.loading import InitReport, save_weights
+from src.encoders.loading import InitCheckpoint, InitReport
+from src.files import save_weights
 from src.methods.global_norm import use_global_batchnorm
-from src.methods.optim import OPTIMIZERS, create_optimizer, scaled_lr, warmup_cosine, weight_decay_groups
-from src.pipeline.elastic import LAYOUT_KEY, data_layout, reopen_cut_epoch, rescale_batch_progress
+from src.methods.optim import create_optimizer, scaled_lr, warmup_cosine, weight_decay_groups
 
 
 class TrainingMethod(L.LightningModule):
     """Shared training machinery; ``optim`` holds base_lr, reference_batch, betas, weight_decay, min_lr."""
 
-    config_section: ClassVar[str] = "objective"  # where the method's settings live in the run config
     # Key prefixes of the method's own parts in a flat (official) checkpoint: never encoder weights.
     pretraining_keys: ClassVar[tuple[str, ...]] = ()
     fits: ClassVar[bool] = True  # False: an evaluation (``trainer.validate``), nothing is trained
@@ -49,9 +50,13 @@ class TrainingMethod(L.LightningModule):
     trains_mask_token: bool = False  # frozen otherwise, so DDP never meets a parameter without a gradient
     init_report: InitReport | None = None  # what a fine-tune started from; the pipeline publishes it
 
-    def __init__(self, encoder: nn.Module, optim: dict[str, Any], batch_size: int, warmup_epochs: float) -> None:
+    def __init__(self, encoder: nn.Module | None, optim: dict[str, Any], batch_size: int, warmup_epochs: float) -> None:
+        """``encoder`` is registered as ``encoder`` (``encoder.*`` in checkpoints) when the method owns it; a method
+        whose encoder lives inside another of its parts passes None and defines the ``encoder`` property instead
+        (detection: the backbone's), so the encoder is registered once, where it lives."""
         super().__init__()
-        self.encoder = encoder
+        if encoder is not None:
+            self.encoder = encoder
         self.optim = dict(optim)
         self.batch_size = batch_size
         self.warmup_epochs = warmup_epochs
@@ -61,35 +66,28 @@ class TrainingMethod(L.LightningModule):
     # ---- what methods implement ----------------------------------------------------------------
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
-        """Refuse impossible values of this method's config section, naming the key. Extend, then call super()."""
-        section = cfg[cls.config_section]
-        if "optim" in section:
-            key = f"{cls.config_section}.optim"
-            check_rules(
-                section.optim,
-                key,
-                [
-                    ("name", lambda v: v in OPTIMIZERS, f"must be one of {OPTIMIZERS}"),
-                    ("base_lr", lambda v: v > 0, "must be positive"),
-                    ("weight_decay", lambda v: v >= 0, "must be >= 0"),
-                    ("reference_batch", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-                ],
-            )
+        """Refuse values that cannot work together, naming the keys; one key's type, range or names are the
+        schema's (src/schema.py), checked before this. Extend, then call super()."""
 
     @classmethod
-    def resolve_config(cls, cfg: DictConfig) -> None:
-        """Settle what the config leaves to the method, in place, before it is checked and saved with the run."""
+    def settle_config(cls, cfg: DictConfig, init: InitCheckpoint) -> DictConfig:
+        """The run's config with what it leaves to the method settled (from ``init``, the file it starts from).
+
+        A copy: the composed config is never changed. The pipeline checks, records, shows and runs what this
+        returns, and logs what it changed. Extend: call super(), then set keys on its result.
+        """
+        return copy.deepcopy(cfg)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> TrainingMethod:
-        """Build the module (encoder included) from the composed run config."""
+    def from_config(cls, cfg: DictConfig, init: InitCheckpoint) -> TrainingMethod:
+        """Build the module (encoder included) from the settled run config, started from ``init``."""
         raise NotImplementedError
 
     @classmethod
     def common_kwargs(cls, cfg: DictConfig) -> dict[str, Any]:
         """Arguments every method takes from the run config."""
         return {
-            "optim": OmegaConf.to_container(cfg[cls.config_section].optim, resolve=True),
+            "optim": OmegaConf.to_container(cfg.objective.optim, resolve=True),
             "batch_size": cfg.batch_size,
             "warmup_epochs": cfg.warmup_epochs,
         }
@@ -117,7 +115,7 @@ class TrainingMethod(L.LightningModule):
     @classmethod
     def train_transform(cls, cfg: DictConfig) -> SampleTransform:
         """Per-sample training transform run in DataLoader workers (MAE's crop + flip by default)."""
-        crop_scale = cfg[cls.config_section].get("crop_scale", (0.2, 1.0))
+        crop_scale = cfg.objective.get("crop_scale", (0.2, 1.0))
         return PretrainTransform(cfg.dataset.img_size, *cls.pixel_stats(cfg), crop_scale=crop_scale)
 
     @classmethod
@@ -234,11 +232,9 @@ class TrainingMethod(L.LightningModule):
         """Weight decay on matrices only (biases and 1-D params exempt), as MAE/BEiT pretraining do."""
         return weight_decay_groups(self.named_parameters(), self.optim["weight_decay"])
 
-    def global_batch(self) -> int:
-        return self.batch_size * self.trainer.accumulate_grad_batches * self.trainer.world_size
-
     def configure_optimizers(self) -> dict:
-        lr = scaled_lr(self.optim["base_lr"], self.global_batch(), self.optim["reference_batch"])
+        batch = global_batch(self.batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches)
+        lr = scaled_lr(self.optim["base_lr"], batch, self.optim["reference_batch"])
         groups = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in self.param_groups()]  # layer-wise lr decay
         optimizer = create_optimizer(groups, lr, self.optim)
         total = int(self.trainer.estimated_stepping_batches)  # also loads the train loader: batches are known
@@ -246,7 +242,7 @@ class TrainingMethod(L.LightningModule):
         warmup = min(int(self.warmup_epochs * steps_per_epoch), total)
         schedule = self.lr_schedule(lr, warmup, total, steps_per_epoch)
         rank_zero_info(  # a log line: LightningModule.print drops output before the progress bar exists
-            f"lr {lr:.3g} (base {self.optim['base_lr']:g} x {self.global_batch()}/"
+            f"lr {lr:.3g} (base {self.optim['base_lr']:g} x {batch}/"
             f"{self.optim['reference_batch']}), warm-up {warmup} of {total} steps"
         )
         return {
@@ -288,21 +284,14 @@ class TrainingMethod(L.LightningModule):
         return self
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the data layout (elastic resume); leave frozen parts (a tokenizer, a teacher) out: they have
-        their own files and may be large."""
-        t = self.trainer
-        checkpoint[LAYOUT_KEY] = data_layout(self.batch_size, t.world_size, t.accumulate_grad_batches)
+        """Leave frozen parts (a tokenizer, a teacher) out: they have their own files and may be large."""
         prefixes = tuple(f"{name}." for name in self.frozen_parts)
         if prefixes:
             state = checkpoint["state_dict"]
             checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(prefixes)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume with the configured frozen parts' weights, so that loading stays strict; an epoch cut by
-        ``max_steps`` goes on, and Lightning's micro-batch counters follow an elastic resume's accumulation."""
-        reopen_cut_epoch(checkpoint)
-        if self._trainer is not None:
-            rescale_batch_progress(checkpoint, self.trainer.accumulate_grad_batches)
+        """Resume with the configured frozen parts' weights, so that loading stays strict."""
         for name in self.frozen_parts:
             part = getattr(self, name)
             if part is not None:

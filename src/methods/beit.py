@@ -35,7 +35,8 @@ from src.data.transforms import _ImageTransform
 from src.encoders import create_encoder
 from src.encoders.base import MaskedEncoder
 from src.encoders.beit import SHARED_TABLE, shared_to_per_layer_rel_pos_bias
-from src.encoders.loading import save_weights
+from src.encoders.loading import InitCheckpoint
+from src.files import save_weights
 from src.methods.base import TrainingMethod, encoder_export_state
 from src.methods.grid import TargetLayout, check_target_grid, target_layout, tokens_to_target_grid
 from src.methods.masking import BlockwiseMaskGenerator, WorkerGenerator, beit_mask_counts
@@ -165,9 +166,6 @@ class BEiT(TrainingMethod):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         super().check_config(cfg)
-        rate = cfg.objective.drop_path_rate
-        if rate is not None and not 0 <= rate < 1:
-            raise ConfigError(f"objective.drop_path_rate={rate} must be null or in [0, 1)")
         cls.resolve(cfg)
 
     @classmethod
@@ -179,7 +177,7 @@ class BEiT(TrainingMethod):
         )
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> BEiT:
+    def from_config(cls, cfg: DictConfig, init: InitCheckpoint) -> BEiT:
         o, img = cfg.objective, cfg.dataset.img_size
         setup = cls.resolve(cfg)
         overrides: dict[str, Any] = {}

@@ -13,11 +13,12 @@ label smoothing, shared lr scaling and warm-up + cosine schedule) and add what M
 Validation on the labelled split reports top-1, top-5, per-class accuracy and a confusion matrix.
 
 Both start from ``init`` (any checkpoint, ``src/encoders/loading.py``): a Lightning checkpoint records the
-encoder config it was trained with, and the run rebuilds that encoder (``init.encoder_from_checkpoint``).
+encoder config it was trained with, and the run's settled config holds that encoder (``init.encoder_from_checkpoint``).
 """
 
 from __future__ import annotations
 
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,45 +30,34 @@ from timm.layers import trunc_normal_
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from src.config import ConfigError, check_rules
+from src.config import ConfigError
 from src.encoders.base import MaskedEncoder
-from src.encoders.loading import KINDS, InitReport, load_encoder_weights, recorded_encoder_config
+from src.encoders.loading import InitCheckpoint, InitReport, load_encoder_weights
+from src.evaluation.confusion import ConfusionMatrixPicture
 from src.methods.base import all_pretraining_keys, encoder_export_state, encoder_from_config
 from src.methods.optim import layer_decay_groups, weight_decay_groups
 from src.methods.supervised import SupervisedClassifier, augment_config, dataset_num_classes
-from src.pipeline.callbacks import ConfusionMatrixPicture
 
 HEAD_INIT_STD = {"classify": 2e-5, "linear": 0.01}  # MAE's fine-tune and linear-probe head inits
-POOLS = ("cls", "avg")
 
 
-def resolve_encoder_from_init(cfg: DictConfig) -> None:
-    """Replace ``cfg.encoder`` by the config the ``init.checkpoint`` records, unless told not to; say so."""
-    if cfg.init.get("kind", "auto") not in KINDS:
-        raise ConfigError(f"init.kind={cfg.init.kind!r} is not one of {KINDS}")
-    if not cfg.init.get("encoder_from_checkpoint", True):
+def settle_encoder(settled: DictConfig, init: InitCheckpoint) -> None:
+    """Replace ``encoder`` of a settled config by the one the init checkpoint records, unless
+    ``init.encoder_from_checkpoint=false`` keeps the configured one."""
+    recorded = init.encoder_config
+    if recorded is None or not settled.init.get("encoder_from_checkpoint", True):
         return
-    recorded = recorded_encoder_config(cfg.init)
-    if recorded is None:
-        return
-    if OmegaConf.to_container(cfg.encoder, resolve=True) != recorded:
-        print(
-            f"encoder: rebuilt as the checkpoint records it ({recorded.get('name', recorded['arch'])}, "
-            f"kwargs {recorded.get('kwargs') or {}}) instead of encoder={cfg.encoder.get('name')}; "
-            "init.encoder_from_checkpoint=false keeps the configured encoder"
-        )
-    cfg.encoder = recorded
+    schema = OmegaConf.get_type(settled, "encoder")  # a fresh node of the section's schema holds the record only
+    settled.encoder = OmegaConf.merge(OmegaConf.structured(schema), recorded) if is_dataclass(schema) else recorded
 
 
-def start_encoder(cfg: DictConfig, model: MaskedEncoder) -> InitReport:
+def start_encoder(cfg: DictConfig, init: InitCheckpoint, model: MaskedEncoder) -> InitReport:
     """Load ``init`` into ``model``; the pipeline publishes the report of what went where next to the run."""
-    return load_encoder_weights(model, cfg.init, cfg.encoder, all_pretraining_keys())
+    return load_encoder_weights(model, init, cfg.encoder, all_pretraining_keys())
 
 
 class FineTuneClassifier(SupervisedClassifier):
     """The whole encoder trained with its timm head; ``layer_decay`` < 1 scales lrs down towards the input."""
-
-    config_section = "task"
 
     def __init__(
         self,
@@ -97,45 +87,38 @@ class FineTuneClassifier(SupervisedClassifier):
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def resolve_config(cls, cfg: DictConfig) -> None:
-        resolve_encoder_from_init(cfg)
+    def settle_config(cls, cfg: DictConfig, init: InitCheckpoint) -> DictConfig:
+        """The encoder the init checkpoint records (``settle_encoder``)."""
+        settled = super().settle_config(cfg, init)
+        settle_encoder(settled, init)
+        return settled
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         super().check_config(cfg)
-        check_rules(
-            cfg.task,
-            "task",
-            [
-                ("augment.repeated_aug", lambda v: v == 1, "must be 1: fine-tuning samples each image once per epoch"),
-                ("drop_path", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-                ("layer_decay", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = no decay)"),
-                ("pool", lambda v: v in POOLS, f"must be one of {POOLS}"),
-            ],
-        )
         with torch.device("meta"):  # the encoder must build with the task's settings
             cls.build_encoder(cfg, dataset_num_classes(cfg))
 
     @classmethod
     def build_encoder(cls, cfg: DictConfig, num_classes: int) -> MaskedEncoder:
-        t = cfg.task
+        t = cfg.objective
         return encoder_from_config(cfg, num_classes=num_classes, global_pool=t.global_pool, drop_path_rate=t.drop_path)
 
     @classmethod
     def task_kwargs(cls, cfg: DictConfig) -> dict[str, Any]:
-        return {"layer_decay": cfg.task.layer_decay}
+        return {"layer_decay": cfg.objective.layer_decay}
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> FineTuneClassifier:
+    def from_config(cls, cfg: DictConfig, init: InitCheckpoint) -> FineTuneClassifier:
         """Encoder built for the task, started from ``init`` (reported in ``init_report``)."""
         num_classes = dataset_num_classes(cfg)
         encoder = cls.build_encoder(cfg, num_classes)
-        report = start_encoder(cfg, encoder)
+        report = start_encoder(cfg, init, encoder)
         module = cls(
             encoder,
             num_classes,
-            augment_config(cfg, "task"),
-            optim=OmegaConf.to_container(cfg.task.optim, resolve=True),
+            augment_config(cfg),
+            optim=OmegaConf.to_container(cfg.objective.optim, resolve=True),
             batch_size=cfg.batch_size,
             warmup_epochs=cfg.warmup_epochs,
             **cls.task_kwargs(cfg),
@@ -199,15 +182,15 @@ class LinearProbeClassifier(FineTuneClassifier):
     @classmethod
     def build_encoder(cls, cfg: DictConfig, num_classes: int) -> MaskedEncoder:
         encoder = encoder_from_config(cfg)
-        if cfg.task.pool == "cls" and encoder.num_prefix_tokens == 0:
+        if cfg.objective.pool == "cls" and encoder.num_prefix_tokens == 0:
             raise ConfigError(
-                f"task.pool=cls needs a class token; encoder={cfg.encoder.name} has none: use task.pool=avg"
+                f"objective.pool=cls needs a class token; encoder={cfg.encoder.name} has none: use objective.pool=avg"
             )
         return encoder
 
     @classmethod
     def task_kwargs(cls, cfg: DictConfig) -> dict[str, Any]:
-        return {"pool": cfg.task.pool}
+        return {"pool": cfg.objective.pool}
 
     def train(self, mode: bool = True) -> LinearProbeClassifier:
         """The frozen encoder stays in eval mode (no dropout, no norm-statistics updates) while the probe trains."""

@@ -29,16 +29,18 @@ from torchmetrics.classification import MulticlassAccuracy
 from src.config import ConfigError
 from src.encoders import create_encoder
 from src.encoders.base import MaskedEncoder
+from src.encoders.loading import InitCheckpoint
 from src.encoders.vit import DISTILLED_SUFFIX
 from src.methods.base import encoder_export_state, encoder_from_config
 from src.methods.supervised import SupervisedClassifier, augment_config, classification_loss, dataset_num_classes
 from src.methods.teacher import PACKAGED, ClassifierRecord, FrozenTeacher, InputSpec, build_teacher
+from src.schema import DISTILLATIONS
 
 
 class DistillationLoss(nn.Module):
     """``none`` | ``soft`` | ``hard`` distillation mixed with the base classification loss by ``alpha``."""
 
-    MODES = ("none", "soft", "hard")
+    MODES = DISTILLATIONS
 
     def __init__(self, mode: str = "hard", alpha: float = 0.5, tau: float = 1.0, label_smoothing: float = 0.1) -> None:
         super().__init__()
@@ -115,18 +117,13 @@ class DeiT(SupervisedClassifier):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         super().check_config(cfg)
-        o = cfg.objective
-        try:
-            DistillationLoss(o.distillation, o.alpha, o.tau)
-        except ValueError as e:
-            raise ConfigError(f"objective.{e}") from None
-        distilled = o.distillation != "none"
+        distilled = cfg.objective.distillation != "none"
         if distilled:
             check_teacher_file(cfg)
         student_encoder_config(cfg, distilled)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> DeiT:
+    def from_config(cls, cfg: DictConfig, init: InitCheckpoint) -> DeiT:
         o, img = cfg.objective, cfg.dataset.img_size
         distilled = o.distillation != "none"
         num_classes = dataset_num_classes(cfg)

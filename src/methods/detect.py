@@ -1,4 +1,4 @@
-"""Detection fine-tuning (``task=detect``): MIMDet's partial-input detector on torchvision's Mask R-CNN.
+"""Detection fine-tuning (``objective=detect``): MIMDet's partial-input detector on torchvision's Mask R-CNN.
 
 Fang et al. 2022, "Unleashing Vanilla Vision Transformer with Masked Image Modeling for Object Detection":
 a ConvStem feeds the high-resolution pyramid levels, an MAE-pretrained ViT sees only a random sample of its
@@ -13,18 +13,17 @@ then x0.1 steps. lr = ``base_lr`` x global batch / ``reference_batch``: 8e-5 at 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from src.config import ConfigError, check_rules
+from src.config import ConfigError
 from src.detection.backbone import backbone_kind, build_backbone, decoder_state_from_mae
 from src.detection.data import CocoDataModule
 from src.detection.detector import ANCHOR_SIZES, build_detector
@@ -32,13 +31,15 @@ from src.detection.evaluation import DetectionEvaluator
 from src.detection.pictures import DetectionPictures
 from src.encoders import create_encoder
 from src.encoders.base import MaskedEncoder
-from src.encoders.loading import InitReport, preview_names, read_checkpoint, save_weights
+from src.encoders.loading import InitCheckpoint, InitReport, preview_names
+from src.files import save_weights
 from src.methods.base import TrainingMethod
-from src.methods.classify import resolve_encoder_from_init, start_encoder
+from src.methods.classify import settle_encoder, start_encoder
 from src.methods.optim import exempt_from_weight_decay, warmup_step_decay
 
 ROI_LOSSES = ("loss_classifier", "loss_box_reg")  # torchvision's means over the sampled RoIs
 DECODER_KEYS = ("decoder_embed", "decoder_pos_embed", "decoder_blocks", "decoder_norm")
+MAE_IMG_SIZE = 224  # the size the MAE encoders MIMDet starts from were pretrained at: their position tables
 
 
 @dataclass
@@ -60,19 +61,13 @@ class DetectionInitReport(InitReport):
         return out
 
 
-def checkpoint_decoder(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The MAE decoder tensors ``init.checkpoint`` holds (empty if none) and its recorded hyper-parameters."""
-    path = cfg.init.get("checkpoint")
-    if path is None or cfg.init.get("kind", "auto") == "random":
-        return {}, {}
-    _, state, hparams = read_checkpoint(path, cfg.init.get("kind", "auto"), bool(cfg.init.get("allow_pickle", False)))
-    return {k: v for k, v in state.items() if k.startswith(DECODER_KEYS)}, hparams
+def checkpoint_decoder(init: InitCheckpoint) -> dict[str, torch.Tensor]:
+    """The MAE decoder tensors the init checkpoint holds (empty if none)."""
+    return {k: v for k, v in init.state.items() if k.startswith(DECODER_KEYS)}
 
 
 class Detection(TrainingMethod):
     """A detector on a pretrained encoder: losses from torchvision's heads, COCO AP on the validation split."""
-
-    config_section: ClassVar[str] = "task"
 
     def __init__(
         self,
@@ -84,16 +79,18 @@ class Detection(TrainingMethod):
         warmup_epochs: float,
         lr_mult: float = 2.0,
         lr_milestones: tuple[float, ...] = (),
+        train_ratio: float = 1.0,
+        eval_ratio: float = 1.0,
         compare_train_ratio: bool = False,
         num_pictures: int = 4,
         eval_backend: str = "pycocotools",
     ) -> None:
-        super().__init__(detector.backbone.encoder, optim, batch_size, warmup_epochs)
-        del self._modules["encoder"]  # the backbone owns the encoder: one copy of it in checkpoints
+        super().__init__(None, optim, batch_size, warmup_epochs)  # the backbone owns the encoder (``encoder`` below)
         self.detector = detector
         self.class_names = list(class_names)
         self.lr_mult = lr_mult
         self.lr_milestones = tuple(lr_milestones)
+        self.train_ratio, self.eval_ratio = train_ratio, eval_ratio  # token sample ratios (MIMDet), passed per call
         self.compare_train_ratio = compare_train_ratio
         self.num_pictures = num_pictures
         self.evaluator = DetectionEvaluator(self.class_names, masks, backend=eval_backend)
@@ -120,71 +117,63 @@ class Detection(TrainingMethod):
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
-    def resolve_config(cls, cfg: DictConfig) -> None:
-        """Rebuild the encoder the checkpoint records; take the decoder's width and heads from its MAE."""
-        resolve_encoder_from_init(cfg)
-        OmegaConf.update(cfg, "trainer.check_val_every_n_epoch", cfg.task.eval_every_n_epochs, force_add=True)
-        decoder, hparams = checkpoint_decoder(cfg)
-        if not decoder:
-            return
-        t = cfg.task
-        t.decoder_dim = int(decoder["decoder_embed.weight"].shape[0])
-        t.decoder_heads = int(hparams.get("decoder_heads", t.decoder_heads))
-        if t.pretrain_img_size is None and "img_size" in hparams:
-            t.pretrain_img_size = int(hparams["img_size"])
+    def settle_config(cls, cfg: DictConfig, init: InitCheckpoint) -> DictConfig:
+        """The encoder the checkpoint records, at the size it was pretrained at (its position table: the size its
+        MAE recorded, else MAE's 224); the decoder's width and heads from its MAE decoder; Lightning's validation
+        cadence from ``objective.eval_every_n_epochs``.
+
+        A ViT's decoder starts from the checkpoint's MAE decoder, so a checkpoint without one (unless
+        ``objective.random_decoder``), or with fewer blocks than ``objective.decoder_depth``, is refused here.
+        """
+        settled = super().settle_config(cfg, init)
+        settle_encoder(settled, init)
+        t = settled.objective
+        OmegaConf.update(settled, "trainer.check_val_every_n_epoch", t.eval_every_n_epochs, force_add=True)
+        if t.pretrain_img_size is None:
+            t.pretrain_img_size = int(init.hparams.get("img_size", MAE_IMG_SIZE))
+        decoder = checkpoint_decoder(init)
+        if decoder:
+            t.decoder_dim = int(decoder["decoder_embed.weight"].shape[0])
+            t.decoder_heads = int(init.hparams.get("decoder_heads", t.decoder_heads))
+        if init.path is None or not cls.build_encoder(settled, device="meta").supports_token_drop:
+            return settled  # a pyramid backbone (Pale) has no MIMDet decoder
+        depth = 1 + max((int(k.split(".")[1]) for k in decoder if k.startswith("decoder_blocks.")), default=-1)
+        if depth == 0 and not t.random_decoder:
+            raise ConfigError(
+                f"init.checkpoint={init.path} has no MAE decoder, which MIMDet's decoder starts from "
+                "(an encoder-only export, or another objective's checkpoint). Use the MAE run's last.ckpt or the "
+                "official full MAE checkpoint, or set objective.random_decoder=true to train the decoder from scratch"
+            )
+        if 0 < depth < t.decoder_depth:
+            raise ConfigError(
+                f"objective.decoder_depth={t.decoder_depth} but the checkpoint's MAE decoder has {depth} blocks: "
+                f"set objective.decoder_depth={depth} or fewer"
+            )
+        return settled
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         super().check_config(cfg)
-        check_rules(
-            cfg.task,
-            "task",
-            [
-                ("train_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
-                ("eval_ratio", lambda v: 0 < v <= 1, "must be in (0, 1]"),
-                ("decoder_depth", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-                ("lr_mult", lambda v: v > 0, "must be positive"),
-                ("drop_path", lambda v: 0 <= v < 1, "must be in [0, 1)"),
-                ("eval_every_n_epochs", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-                ("fpn_channels", lambda v: isinstance(v, int) and v >= 8, "must be an integer >= 8"),
-                ("roi_samples", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-                ("test_proposals", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-                ("anchor_sizes", lambda v: len(v) == 5 and all(s > 0 for s in v), "needs 5 sizes (P2..P6)"),
-            ],
-        )
         if cfg.dataset.get("kind") != "coco":
-            raise ConfigError(f"task=detect needs a COCO-format dataset (dataset.kind=coco), got {cfg.dataset.kind}")
+            raise ConfigError(
+                f"objective=detect needs a COCO-format dataset (dataset.kind=coco), got {cfg.dataset.kind}"
+            )
         encoder = cls.build_encoder(cfg, device="meta")
         if backbone_kind(encoder) is None:
             raise ConfigError(
                 f"encoder={cfg.encoder.name} ({cfg.encoder.arch}) can be a detection backbone neither by token "
                 "sampling (plain ViT: MIMDet) nor as a four-stage pyramid (Pale); BEiT's encoder is neither yet"
             )
-        if not encoder.supports_token_drop:
-            if cfg.task.compare_train_ratio:
-                raise ConfigError(f"task.compare_train_ratio: encoder={cfg.encoder.name} samples no tokens")
-            return
-        decoder, _ = checkpoint_decoder(cfg)
-        depth = 1 + max((int(k.split(".")[1]) for k in decoder if k.startswith("decoder_blocks.")), default=-1)
-        if cfg.init.get("checkpoint") is not None and depth == 0 and not cfg.task.random_decoder:
-            raise ConfigError(
-                f"init.checkpoint={cfg.init.checkpoint} has no MAE decoder, which MIMDet's decoder starts from "
-                "(an encoder-only export, or another objective's checkpoint). Use the MAE run's last.ckpt or the "
-                "official full MAE checkpoint, or set task.random_decoder=true to train the decoder from scratch"
-            )
-        if 0 < depth < cfg.task.decoder_depth:
-            raise ConfigError(
-                f"task.decoder_depth={cfg.task.decoder_depth} but the checkpoint's MAE decoder has {depth} blocks: "
-                f"set task.decoder_depth={depth} or fewer"
-            )
+        if not encoder.supports_token_drop and cfg.objective.compare_train_ratio:
+            raise ConfigError(f"objective.compare_train_ratio: encoder={cfg.encoder.name} samples no tokens")
 
     @classmethod
     def build_encoder(cls, cfg: DictConfig, device: str = "cpu") -> MaskedEncoder:
-        """The encoder at its pretraining size (its position table), as the checkpoint will fill it."""
-        img_size = cfg.task.pretrain_img_size or 224
+        """The encoder at its pretraining size (its position table, settled), as the checkpoint will fill it."""
+        t = cfg.objective
         try:
             with torch.device(device):
-                return create_encoder(cfg.encoder, img_size, drop_path_rate=cfg.task.drop_path)
+                return create_encoder(cfg.encoder, t.pretrain_img_size, drop_path_rate=t.drop_path)
         except (TypeError, ValueError, AssertionError) as e:
             raise ConfigError(f"encoder={cfg.encoder.name} ({cfg.encoder.arch}): {e}") from None
 
@@ -193,18 +182,19 @@ class Detection(TrainingMethod):
         return CocoDataModule(cfg.dataset, cfg.batch_size, cfg.num_workers, seed=cfg.seed)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> Detection:
-        t, d = cfg.task, cfg.dataset
+    def from_config(cls, cfg: DictConfig, init: InitCheckpoint) -> Detection:
+        t, d = cfg.objective, cfg.dataset
         encoder = cls.build_encoder(cfg)
-        report = start_encoder(cfg, encoder)
+        report = start_encoder(cfg, init, encoder)
         token_drop = encoder.supports_token_drop  # MIMDet; else the pyramid backbone (Pale), without these settings
-        mimdet = ("decoder_dim", "decoder_depth", "decoder_heads", "train_ratio", "eval_ratio") if token_drop else ()
+        mimdet = ("decoder_dim", "decoder_depth", "decoder_heads") if token_drop else ()
         backbone = build_backbone(encoder, out_channels=t.fpn_channels, **{key: t[key] for key in mimdet})
         report = DetectionInitReport(**vars(report), random_by_design=["FPN", "RPN", "RoI heads"])
         if token_drop:
             report.random_by_design[:0] = ["ConvStem", "decoder fill-in projection"]
-            decoder, _ = checkpoint_decoder(cfg)
-            state, report.decoder_loaded, report.decoder_not_loaded = decoder_state_from_mae(decoder, t.decoder_depth)
+            state, report.decoder_loaded, report.decoder_not_loaded = decoder_state_from_mae(
+                checkpoint_decoder(init), t.decoder_depth
+            )
             backbone.decoder.load_state_dict(state, strict=False)
         detector = build_detector(
             backbone,
@@ -228,6 +218,8 @@ class Detection(TrainingMethod):
             warmup_epochs=cfg.warmup_epochs,
             lr_mult=t.lr_mult,
             lr_milestones=tuple(t.lr_milestones or ()),
+            train_ratio=t.train_ratio if token_drop else 1.0,
+            eval_ratio=t.eval_ratio if token_drop else 1.0,
             compare_train_ratio=t.compare_train_ratio,
             num_pictures=cfg.pictures.num_images,
             eval_backend=t.eval_backend,
@@ -246,8 +238,7 @@ class Detection(TrainingMethod):
         """Sum of torchvision's RPN and RoI-head losses; each is logged. Random choices follow each image's seed."""
         targets = batch["targets"]
         seeds = [int(t["sample_seed"]) for t in targets] if all("sample_seed" in t for t in targets) else None
-        with self.detector.drawn_per_image(seeds):
-            losses = self.detector(batch["images"], targets)
+        losses = self.detector(batch["images"], targets, ratio=self.train_ratio, seeds=seeds)
         # torchvision averages the RoI-head losses over this rank's RoIs, whose number varies (positives for the
         # mask loss): average over the global batch's instead, so the gradient does not change with the world size
         for key, rows in self.loss_terms.items():
@@ -256,27 +247,16 @@ class Detection(TrainingMethod):
         return sum(losses.values()), losses
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        return self.detector(images)
+        """Detections with the encoder seeing ``eval_ratio`` of its tokens (1.0, as MIMDet evaluates)."""
+        return self.detector(images, ratio=self.eval_ratio)
 
     # ---- evaluation ----------------------------------------------------------------------------
-    @contextmanager
-    def evaluated_at(self, ratio: float):
-        """Evaluate with the encoder seeing ``ratio`` of its tokens (the paper's train-ratio comparison)."""
-        sampler = self.detector.backbone.encoder_input
-        saved = sampler.eval_ratio
-        sampler.eval_ratio = ratio
-        try:
-            yield
-        finally:
-            sampler.eval_ratio = saved
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         images, targets = batch["images"], batch["targets"]
         predictions = self(images)
         self.evaluator.update(predictions, targets)
         if self.evaluator_train_ratio is not None:
-            with self.evaluated_at(self.detector.backbone.encoder_input.train_ratio):
-                self.evaluator_train_ratio.update(self(images), targets)
+            self.evaluator_train_ratio.update(self.detector(images, ratio=self.train_ratio), targets)
         room = self.num_pictures - len(self.detection_samples)
         for image, prediction, target in list(zip(images, predictions, targets, strict=True))[: max(room, 0)]:
             prediction, target = (

@@ -2,7 +2,7 @@
 
 The two loaders are the labelled split's bank (training images) and queries (test images), both with the
 eval transform. Features are the encoder's ``forward_pooled`` output, L2-normalised; the scores are
-``src/evaluation/knn.py``'s weighted vote. With ``task.pixels`` the normalised pixels themselves are scored
+``src/evaluation/knn.py``'s weighted vote. With ``objective.pixels`` the normalised pixels themselves are scored
 beside the encoder, the baseline every kNN result sits beside (docs/protocols.md).
 
 Over W processes rank r extracts the positions r, r + W, ... of both sets. The bank is all-gathered back into
@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset
 
-from src.config import KNN_RULES, ConfigError, check_rules
+from src.config import ConfigError
 from src.data.datamodule import ImageDataModule
+from src.encoders.loading import InitCheckpoint
 from src.evaluation.gather import gather_strided
 from src.evaluation.knn import check_bank, check_configured_bank, knn_predict, topk_hits
 from src.methods.base import TrainingMethod, encoder_from_config
-from src.methods.classify import resolve_encoder_from_init, start_encoder
+from src.methods.classify import settle_encoder, start_encoder
 
 BANK, QUERIES = 0, 1  # validation dataloader indices
 
@@ -46,7 +47,7 @@ class RankSplitLoaders(L.LightningDataModule):
             for key, loader in zip(("knn_bank", "knn_queries"), self.data.knn_dataloaders(), strict=True):
                 if isinstance(loader.dataset, IterableDataset):
                     raise ConfigError(
-                        f"task=knn over {world} processes needs map-style data: every rank reads all the shards "
+                        f"objective=knn over {world} processes needs map-style data: every rank reads all the shards "
                         "(dataset.kind=shards), so run it with trainer.devices=1"
                     )
                 if len(loader.dataset) < world:
@@ -60,7 +61,6 @@ class RankSplitLoaders(L.LightningDataModule):
 class KNNEvaluation(TrainingMethod):
     """Collects pooled features of the bank and the queries, then scores the queries once both are seen."""
 
-    config_section = "task"
     fits = False
 
     def __init__(self, encoder: torch.nn.Module, num_classes: int, k: int, temperature: float, pixels: bool) -> None:
@@ -70,23 +70,25 @@ class KNNEvaluation(TrainingMethod):
         self.features: dict[str, list[list[torch.Tensor]]] = {}
 
     @classmethod
-    def resolve_config(cls, cfg: DictConfig) -> None:
-        resolve_encoder_from_init(cfg)
+    def settle_config(cls, cfg: DictConfig, init: InitCheckpoint) -> DictConfig:
+        """The encoder the init checkpoint records (``settle_encoder``)."""
+        settled = super().settle_config(cfg, init)
+        settle_encoder(settled, init)
+        return settled
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
-        check_rules(cfg.task, "task", KNN_RULES)
-        check_configured_bank(cfg.task.k, cfg.dataset, "task.k")
+        check_configured_bank(cfg.objective.k, cfg.dataset, "objective.k")
         if cfg.dataset.get("num_classes") is None:
-            raise ConfigError(f"task=knn needs dataset.num_classes (dataset={cfg.dataset.name})")
+            raise ConfigError(f"objective=knn needs dataset.num_classes (dataset={cfg.dataset.name})")
         with torch.device("meta"):
             encoder_from_config(cfg)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> KNNEvaluation:
+    def from_config(cls, cfg: DictConfig, init: InitCheckpoint) -> KNNEvaluation:
         encoder = encoder_from_config(cfg)
-        report = start_encoder(cfg, encoder)
-        t = cfg.task
+        report = start_encoder(cfg, init, encoder)
+        t = cfg.objective
         module = cls(encoder, int(cfg.dataset.num_classes), t.k, t.temperature, bool(t.pixels))
         module.init_report = report
         return module
@@ -94,7 +96,9 @@ class KNNEvaluation(TrainingMethod):
     def evaluation_loaders(self, datamodule: ImageDataModule) -> RankSplitLoaders:
         """[bank, queries] of the labelled split, split over the ranks; a config error when there is none."""
         if datamodule.knn_dataloaders() is None:
-            raise ConfigError(f"task=knn needs a labelled split (dataset={datamodule.cfg.name}: set its val split)")
+            raise ConfigError(
+                f"objective=knn needs a labelled split (dataset={datamodule.cfg.name}: set its val split)"
+            )
         return RankSplitLoaders(datamodule)
 
     def on_validation_epoch_start(self) -> None:
@@ -114,7 +118,7 @@ class KNNEvaluation(TrainingMethod):
         """Gathers the bank, scores this rank's queries, and logs the hit counts summed over the ranks."""
         world = self.trainer.world_size
         bank_labels = gather_strided(torch.cat(self.labels[BANK]), world).cpu()
-        check_bank(self.k, len(bank_labels), "task.k")  # the bank read, counted alike on every rank
+        check_bank(self.k, len(bank_labels), "objective.k")  # the bank read, counted alike on every rank
         query_labels = torch.cat(self.labels[QUERIES]).cpu()
         prefixes = {"encoder": "knn/", "pixels": "knn/pixels_"}
         scored = [name for name in prefixes if self.features[name][BANK]]

@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from timm.models.vision_transformer import Block
 from torch import nn
 
-from src.config import ConfigError, check_rules
+from src.config import ConfigError
 from src.data.distributed import SampleExtras
 from src.encoders import create_encoder
 from src.encoders.base import MaskedEncoder
-from src.encoders.pos_embed import sincos_2d
+from src.encoders.decoder import TokenGridDecoder
+from src.encoders.loading import InitCheckpoint
+from src.encoders.vit import init_linear_and_norm
 from src.methods.base import TrainingMethod
 from src.methods.grid import check_target_grid, target_layout, tokens_to_target_grid
 from src.methods.masking import mask_noise, num_kept, random_masking
@@ -59,7 +60,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * mask).sum() / mask.sum()
 
 
-class MAE(TrainingMethod):
+class MAE(TrainingMethod, TokenGridDecoder):
     pretraining_keys = ("decoder_", "mask_token")
     official_skip = ("encoder.mask_token",)
 
@@ -90,34 +91,16 @@ class MAE(TrainingMethod):
         self.trains_mask_token = not self.token_drop
         self.decoder_prefix = encoder.num_prefix_tokens if self.token_drop else 0
 
-        self.decoder_embed = nn.Linear(encoder.num_features, decoder_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        table = sincos_2d(decoder_dim, self.out_grid, num_prefix_tokens=1)  # official: row 0 is the cls slot
-        self.decoder_pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            [Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(decoder_depth)]
+        mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        self.build_decoder(
+            encoder.num_features, decoder_dim, decoder_depth, decoder_heads, self.out_grid, ("mask_token", mask_token)
         )
-        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, self.sub * self.sub * self.target_patch**2 * 3)
         self._init_decoder()
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         super().check_config(cfg)
-        check_rules(
-            cfg.objective,
-            "objective",
-            [
-                ("mask_ratio", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-                ("decoder_depth", lambda v: isinstance(v, int) and v >= 1, "must be a positive integer"),
-                ("decoder_dim", lambda v: isinstance(v, int) and v % 4 == 0, "must be divisible by 4 (sin-cos table)"),
-                (
-                    "crop_scale",
-                    lambda v: v is None or (len(v) == 2 and 0 < v[0] <= v[1] <= 1),
-                    "must be null (no crop: resize and flip) or [low, high] with 0 < low <= high <= 1",
-                ),
-            ],
-        )
         layout = check_target_grid(cfg)
         kept, total = num_kept(layout.num_targets, cfg.objective.mask_ratio), layout.num_targets
         if not 1 <= kept < total:
@@ -133,7 +116,7 @@ class MAE(TrainingMethod):
         return partial(mask_noise, num_patches=check_target_grid(cfg).num_targets)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> MAE:
+    def from_config(cls, cfg: DictConfig, init: InitCheckpoint) -> MAE:
         o, img = cfg.objective, cfg.dataset.img_size
         return cls(
             create_encoder(cfg.encoder, img),
@@ -149,14 +132,10 @@ class MAE(TrainingMethod):
         )
 
     def _init_decoder(self) -> None:
+        """The official order of draws: the mask token, then the linears of the embedding, blocks and head."""
         nn.init.normal_(self.mask_token, std=0.02)
-        for module in [self.decoder_embed, *self.decoder_blocks.modules(), self.decoder_norm, self.decoder_pred]:
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+            part.apply(init_linear_and_norm)
 
     # ---- model ---------------------------------------------------------------------------------
     @property
@@ -180,10 +159,7 @@ class MAE(TrainingMethod):
             mask_grid = m.mask.bool().reshape(b, *self.target_grid)
             latent = self.encoder.forward_mask_token(images, mask_grid)[:, self.encoder.num_prefix_tokens :]
             x = self.decoder_embed(latent)
-        x = x + self.decoder_pos_embed[:, 1 - self.decoder_prefix :].to(x.dtype)
-        for block in self.decoder_blocks:
-            x = block(x)
-        pred = self.decoder_pred(self.decoder_norm(x))[:, self.decoder_prefix :]
+        pred = self.decoder_pred(self.decode(x, self.out_grid, self.decoder_prefix))[:, self.decoder_prefix :]
         return self._to_target_grid(pred), m.mask
 
     def _to_target_grid(self, pred: torch.Tensor) -> torch.Tensor:

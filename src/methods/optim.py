@@ -9,6 +9,8 @@ import torch
 from timm.models import group_parameters
 from torch import nn
 
+from src.schema import OPTIMIZERS
+
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int) -> float:
     """The linear scaling rule the papers use: lr = base_lr * global_batch / reference (256 for MAE)."""
@@ -149,9 +151,6 @@ class LARS(torch.optim.Optimizer):
                     buffer.copy_(torch.where(skip, buffer, buffer * group["momentum"] + update))
                     p.add_(torch.where(skip, torch.zeros_like(buffer), buffer), alpha=-group["lr"])
         return loss
-
-
-OPTIMIZERS = ("adamw", "lars")
 
 
 def create_optimizer(groups: list[dict], lr: float, optim: dict) -> torch.optim.Optimizer:

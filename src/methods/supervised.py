@@ -22,7 +22,8 @@ from src.config import ConfigError
 from src.data.classification import ClassificationTrainTransform
 from src.data.folder import find_class_folders
 from src.encoders.base import MaskedEncoder
-from src.encoders.loading import save_weights
+from src.encoders.loading import InitCheckpoint
+from src.files import save_weights
 from src.methods.base import TrainingMethod, encoder_export_state
 from src.methods.optim import weight_decay_groups
 from src.methods.teacher import ClassifierRecord, InputSpec
@@ -84,31 +85,29 @@ class SupervisedClassifier(TrainingMethod):
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:
         super().check_config(cfg)
-        augment_config(cfg, cls.config_section)
+        augment_config(cfg)
         dataset_num_classes(cfg)
-        if "model" in cfg and not timm.is_model(cfg.model.arch):  # the teacher trainer's plain timm classifier
-            raise ConfigError(f"model.arch={cfg.model.arch!r} is not a timm model name (e.g. resnet18)")
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> SupervisedClassifier:
+    def from_config(cls, cfg: DictConfig, init: InitCheckpoint) -> SupervisedClassifier:
         num_classes = dataset_num_classes(cfg)
         kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
         model = timm.create_model(cfg.model.arch, pretrained=False, **{**kwargs, "num_classes": num_classes})
         spec = InputSpec.of(cfg.dataset.img_size, cfg.dataset.mean, cfg.dataset.std)
         record = ClassifierRecord(cfg.model.arch, kwargs, num_classes, spec)
-        return cls(model, num_classes, augment_config(cfg, cls.config_section), record, **cls.common_kwargs(cfg))
+        return cls(model, num_classes, augment_config(cfg), record, **cls.common_kwargs(cfg))
 
     # ---- data ----------------------------------------------------------------------------------
     @classmethod
     def train_transform(cls, cfg: DictConfig) -> ClassificationTrainTransform:
-        a, d = cfg[cls.config_section].augment, cfg.dataset
+        a, d = cfg.objective.augment, cfg.dataset
         return ClassificationTrainTransform(
             d.img_size, d.mean, d.std, a.rand_augment, a.crop_scale, a.hflip, a.color_jitter, a.random_erasing
         )
 
     @classmethod
     def train_repeats(cls, cfg: DictConfig) -> int:
-        return int(cfg[cls.config_section].augment.repeated_aug)
+        return int(cfg.objective.augment.repeated_aug)
 
     def mix(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(images, targets): mixup/cutmix-ed images with soft targets when enabled, else hard labels."""
@@ -156,21 +155,17 @@ class SupervisedClassifier(TrainingMethod):
         return paths
 
 
-def augment_config(cfg: DictConfig, section: str = "objective") -> dict[str, Any]:
-    """``<section>.augment`` (a conf/augment/ file) as a plain dict, with its values checked."""
-    augment = OmegaConf.to_container(cfg[section].augment, resolve=True)
-    for key in ("mixup", "cutmix", "mix_prob", "switch_prob", "label_smoothing", "random_erasing"):
-        if augment[key] < 0:
-            raise ConfigError(f"{section}.augment.{key}={augment[key]} must be >= 0")
+def augment_config(cfg: DictConfig) -> dict[str, Any]:
+    """``objective.augment`` (a conf/augment/ file) as a plain dict, checked against the batch and the data (each
+    value alone is the schema's)."""
+    augment = OmegaConf.to_container(cfg.objective.augment, resolve=True)
     mixing = augment["mixup"] > 0 or augment["cutmix"] > 0
     if mixing and cfg.batch_size % 2:
         raise ConfigError(f"batch_size={cfg.batch_size} must be even for mixup/cutmix (mixes a batch with its reverse)")
     repeats = augment["repeated_aug"]
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ConfigError(f"{section}.augment.repeated_aug={repeats!r} must be an integer >= 1 (1 = off)")
     if repeats > 1 and cfg.dataset.kind == "shards":
         raise ConfigError(
-            f"{section}.augment.repeated_aug={repeats} needs a map-style dataset; dataset.kind=shards streams "
-            f"samples: set {section}.augment.repeated_aug=1"
+            f"objective.augment.repeated_aug={repeats} needs a map-style dataset; dataset.kind=shards streams "
+            f"samples: set objective.augment.repeated_aug=1"
         )
     return augment

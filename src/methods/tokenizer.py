@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from src.config import ConfigError
 from src.data.datamodule import ImageDataModule
+from src.encoders.loading import InitCheckpoint
 from src.methods.base import TrainingMethod
 from src.tokenizers import save_tokenizer
 from src.tokenizers.base import codebook_usage
@@ -32,8 +33,6 @@ LOSS_KEYS = ("commitment", "ema_decay", "restart_threshold")
 class TokenizerModule(TrainingMethod):
     """Reconstruction + commitment loss; the codebook follows its EMA inside each training step."""
 
-    config_section = "tokenizer"
-
     def __init__(
         self, tokenizer: VQTokenizer, optim: dict, batch_size: int, warmup_epochs: float, report_images: int = 2000
     ) -> None:
@@ -46,7 +45,7 @@ class TokenizerModule(TrainingMethod):
         build_tokenizer(cfg)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> TokenizerModule:
+    def from_config(cls, cfg: DictConfig, init: InitCheckpoint) -> TokenizerModule:
         return cls(build_tokenizer(cfg), report_images=cfg.report_images, **cls.common_kwargs(cfg))
 
     @classmethod
@@ -117,11 +116,9 @@ def evaluate_tokenizer(
 
 
 def build_tokenizer(cfg: DictConfig) -> VQTokenizer:
-    """The VQ-VAE of ``cfg.tokenizer``; impossible sizes are config errors naming the key."""
-    t = cfg.tokenizer
-    if t.kind != "vq":
-        raise ConfigError(f"tokenizer.kind={t.kind!r}: only 'vq' is trained here (DALL-E's is loaded from a file)")
+    """The VQ-VAE of ``cfg.objective``; sizes that do not fit together (img_size, downsample) are config errors."""
+    t = cfg.objective
     try:
         return VQTokenizer(**{k: t[k] for k in ARCH_KEYS + LOSS_KEYS})
     except ValueError as e:
-        raise ConfigError(f"tokenizer: {e}") from None
+        raise ConfigError(f"objective.{e}") from None

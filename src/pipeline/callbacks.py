@@ -1,4 +1,5 @@
-"""Lightning callbacks the pipeline adds to runs: non-finite step guard, kNN monitor, pictures, confusion matrices."""
+"""Lightning callbacks the pipeline adds to runs: one config on every rank, non-finite step guard, kNN monitor,
+pictures."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import make_grid, save_image
 
 from src.config import RunStopped
-from src.evaluation.confusion import confusion_picture
 from src.evaluation.knn import RawPixels, check_bank, knn_accuracy
 from src.methods.optim import skips_on_found_inf
 from src.pipeline.report import side_by_side
@@ -215,25 +214,3 @@ class PictureLogger(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("pictures/objective", [grid], step=trainer.global_step)
-
-
-class ConfusionMatrixPicture(L.Callback):
-    """Draws ``pl_module.last_confusion`` (set at the end of each validation epoch) as ``confusion_stepN.png``."""
-
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = Path(out_dir)
-        self.saved: list[Path] = []
-
-    @rank_zero_only
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        matrix = getattr(pl_module, "last_confusion", None)
-        if matrix is None:
-            return
-        picture = confusion_picture(matrix)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"confusion_step{trainer.global_step:07d}.png"
-        picture.save(path)
-        self.saved.append(path)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image("pictures/confusion", [np.asarray(picture)], step=trainer.global_step)

@@ -4,7 +4,8 @@ Every checkpoint records its data layout (``LAYOUT_KEY``: per-device batch, worl
 batch). On resume the trainer's accumulation is set so that ``batch_size x world x accumulation`` is the
 recorded global batch again; the optimizer step, the schedule and the sampler's position (a number of global
 batches, ``GlobalBatchSampler``) carry over unchanged. Lightning counts micro-batches within the epoch, so
-those counters are rescaled to the new accumulation.
+those counters are rescaled to the new accumulation. ``ElasticLayout``, a callback the pipeline gives every
+run, writes the layout and adjusts the counters of the checkpoint it resumes from.
 
 A run stopped by ``trainer.max_steps`` in the middle of an epoch is checkpointed by Lightning as if the epoch
 were over; ``reopen_cut_epoch`` reopens it, so that a longer run goes on with the epoch's next global batch.
@@ -19,6 +20,7 @@ import lightning as L
 import torch
 
 from src.config import ConfigError
+from src.data.distributed import global_batch
 
 LAYOUT_KEY = "data_layout"
 PROGRESS_KEY = "epoch_loop.batch_progress"
@@ -30,7 +32,7 @@ def data_layout(batch_size: int, world_size: int, accumulate: int) -> dict[str, 
         "batch_size": batch_size,
         "world_size": world_size,
         "accumulate": accumulate,
-        "global_batch": batch_size * world_size * accumulate,
+        "global_batch": global_batch(batch_size, world_size, accumulate),
     }
 
 
@@ -94,3 +96,18 @@ def reopen_cut_epoch(checkpoint: dict[str, Any]) -> None:
     for scope in ("total", "current"):
         for counter in ("processed", "completed"):
             epochs[scope][counter] -= 1
+
+
+class ElasticLayout(L.Callback):
+    """Records the data layout in every checkpoint; on resume, before the loops restore, reopens an epoch cut by
+    ``max_steps`` and puts Lightning's micro-batch counters in the accumulation ``keep_global_batch`` chose."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[LAYOUT_KEY] = data_layout(self.batch_size, trainer.world_size, trainer.accumulate_grad_batches)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        reopen_cut_epoch(checkpoint)
+        rescale_batch_progress(checkpoint, trainer.accumulate_grad_batches)

@@ -38,7 +38,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
-from src.encoders.loading import first_line, follow_umask
+from src.files import PARTIAL_SUFFIX, first_line, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ LAST, PREVIOUS = "last.ckpt", "last-previous.ckpt"
 # Lightning's checkpoint on SLURM's requeue signal: trainer.default_root_dir (the run folder)/hpc_ckpt_<N>.ckpt,
 # N one more than the highest already there (_CheckpointConnector.hpc_save_path).
 HPC_NAME = re.compile(r"hpc_ckpt_(\d+)\.ckpt")
-PARTIAL_SUFFIX = ".tmp"
 
 # Keys that change no result: they may differ between the commands of one run.
 HARMLESS = ("resume", "takeover", "resume_changes", "num_workers", "checkpoint_every_n_steps", "export", "pictures.")
@@ -193,10 +192,15 @@ def check_same_run(run_dir: Path, cfg: DictConfig) -> None:
     raise ConfigError(f"{run_dir} holds another run: {lines}. Either {ways}")
 
 
+def config_text(cfg: DictConfig) -> str:
+    """The text of ``config.yaml``: the settled config, resolved (``show_config=true`` prints the same)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
 def record_run(run_dir: Path, cfg: DictConfig) -> None:
     """Write what defines the run into its folder (rank zero only)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    write_atomically(run_dir / CONFIG_FILE, config_text(cfg))
     write_atomically(run_dir / IDENTITY_FILE, json.dumps(run_identity(cfg), indent=2) + "\n")
 
 
@@ -224,21 +228,6 @@ def finished_run(run_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
     if not all(p is None or isinstance(p, str) for p in paths.values()):
         raise ConfigError(f"{marker} is damaged (no step or paths of a finished run): delete it to run again")
     return record
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` in one step: a kill leaves the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=partial_name(path), suffix=PARTIAL_SUFFIX)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        follow_umask(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def mark_finished(run_dir: Path, cfg: DictConfig, record: dict[str, Any]) -> None:
@@ -321,11 +310,6 @@ def run_lock(run_dir: Path, takeover: bool = False) -> Iterator[None]:
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
-def partial_name(path: Path) -> str:
-    """Prefix of a temporary file while ``path`` is being written: names its writer (host, pid)."""
-    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
-
-
 def remove_dead_partial_writes(folder: Path) -> list[Path]:
     """Delete temporary files whose writer is dead on this host; a live writer's file is left alone."""
     host = socket.gethostname()

@@ -15,7 +15,8 @@ from typing import Any, get_type_hints
 import torch
 
 from src.config import ConfigError
-from src.encoders.loading import check_fit, first_line, load_state_dict_file, load_strict, save_weights
+from src.encoders.loading import check_fit, load_strict
+from src.files import first_line, load_state_dict_file, save_weights
 from src.tokenizers.base import VisualTokenizer, codebook_usage
 from src.tokenizers.dalle import DalleEncoder
 from src.tokenizers.vq import VQTokenizer

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.encoders.loading import load_state_dict_file, load_strict
+from src.encoders.loading import load_strict
+from src.files import load_state_dict_file
 from src.tokenizers.base import VisualTokenizer
 
 LOGIT_LAPLACE_EPS = 0.1

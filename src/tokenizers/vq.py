@@ -88,11 +88,11 @@ class VQTokenizer(VisualTokenizer):
     def check_sizes(vocab_size: int, downsample: int, img_size: int) -> None:
         """The sizes a tokenizer must have, checked before one is built (also for a spec read from disk)."""
         if downsample < 1:
-            raise ValueError(f"tokenizer.downsample must be >= 1, got {downsample}")
+            raise ValueError(f"downsample must be >= 1, got {downsample}")
         if vocab_size < 2:
-            raise ValueError(f"tokenizer.vocab_size must be >= 2, got {vocab_size}")
+            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
         if img_size % downsample:
-            raise ValueError(f"tokenizer.img_size={img_size} must be a multiple of tokenizer.downsample={downsample}")
+            raise ValueError(f"img_size={img_size} must be a multiple of downsample={downsample}")
 
     def spec(self) -> dict[str, Any]:
         return {

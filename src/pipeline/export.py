@@ -1,0 +1,105 @@
+"""A run's exports rebuilt from its folder: what ``python -m src.export`` does, and the last step of every run.
+
+The run's method is rebuilt from its recorded config (with the pickle permission of the command, never the file's:
+a run folder is data, not code) and loaded, weights only, from the checkpoint a resume would continue from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from src.config import ConfigError
+from src.encoders.loading import InitCheckpoint, load_strict
+from src.files import PickleRefused, first_line, read_weights, tensors_only
+from src.methods import method_class
+from src.pipeline.run_folder import CONFIG_FILE, load_recorded, resume_checkpoint
+
+PICKLE_KEY = "allow_pickle"
+
+
+def with_pickle_permission(node: Any, allow: bool) -> Any:
+    """``node`` (a plain container) with every ``allow_pickle`` key, however deep, set to ``allow``."""
+    if isinstance(node, dict):
+        return {k: allow if k == PICKLE_KEY else with_pickle_permission(v, allow) for k, v in node.items()}
+    if isinstance(node, list):
+        return [with_pickle_permission(v, allow) for v in node]
+    return node
+
+
+def pickle_permissions(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of a config (as a plain container) whose ``allow_pickle`` is true."""
+    if not isinstance(node, dict):
+        return []
+    keys = []
+    for k, v in node.items():
+        if k == PICKLE_KEY:
+            keys += [f"{prefix}{k}"] if v is True else []
+        else:
+            keys += pickle_permissions(v, f"{prefix}{k}.")
+    return keys
+
+
+def pickle_allowed(node: Any) -> bool:
+    """Whether a config composed from a command line (as a plain container) sets some ``allow_pickle`` true: the
+    permission a run's own export of its checkpoint passes on to ``export_run``."""
+    return bool(pickle_permissions(node))
+
+
+def recorded_config(run_dir: Path, allow_pickle: bool) -> DictConfig:
+    """The config the run recorded, with the pickle permission of the command instead of the file's."""
+    config_file = run_dir / CONFIG_FILE
+    if not config_file.is_file():
+        raise ConfigError(f"{config_file} not found: is {run_dir} a run folder made by this toolkit?")
+    try:  # recorded resolved: an interpolation was written by someone else, and must resolve here or be named
+        recorded = OmegaConf.to_container(load_recorded(config_file), resolve=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{config_file} cannot be resolved ({first_line(e)}): the run folder is damaged") from None
+    return OmegaConf.create(with_pickle_permission(recorded, allow_pickle))
+
+
+def checkpoint_state(run_dir: Path, checkpoint: Path | None) -> tuple[Path, dict]:
+    """The checkpoint to export and its state dict; without ``checkpoint``, the one a resume would continue from."""
+    if checkpoint is None:
+        checkpoint = resume_checkpoint(run_dir, "auto")  # an unreadable newer one is passed over with a warning
+        if checkpoint is None:
+            raise ConfigError(f"{run_dir} holds no checkpoint (checkpoints/last.ckpt): has this run trained yet?")
+    try:
+        raw = read_weights(checkpoint, "checkpoint")
+    except PickleRefused:
+        raise ConfigError(
+            f"checkpoint={checkpoint} pickles Python objects: checkpoints of this toolkit hold weights only, so this "
+            "file is not one of them, and export never unpickles a checkpoint"
+        ) from None
+    return checkpoint, tensors_only(raw.get("state_dict"), "checkpoint", checkpoint)
+
+
+def export_run(
+    run_dir: Path, checkpoint: Path | None = None, out_dir: Path | None = None, allow_pickle: bool = False
+) -> dict[str, Path]:
+    """Rebuild the run of ``run_dir`` from its recorded config, load its checkpoint and write its exports.
+
+    ``allow_pickle`` is the permission of the person typing the command (``--allow-pickle``) to unpickle the
+    files the config names; the recorded config never grants it.
+    """
+    cfg = recorded_config(run_dir, allow_pickle)
+    method = method_class(cfg.get("method"))
+    state = None
+    if method.fits:
+        checkpoint, state = checkpoint_state(run_dir, checkpoint)
+        if "init" in cfg:  # the checkpoint holds every trained weight: the run's init file need not exist any more
+            cfg.init.kind, cfg.init.checkpoint = "random", None
+    try:
+        module = method.from_config(cfg, InitCheckpoint.read(cfg.get("init")))
+    except PickleRefused as e:
+        raise ConfigError(
+            f"{e.key}={e.path} (named by {run_dir / CONFIG_FILE}) pickles Python objects, and unpickling runs code "
+            "from the file; a run folder's config cannot allow that. If you trust the file, pass --allow-pickle"
+        ) from None
+    if state is not None:
+        module.on_load_checkpoint({"state_dict": state})  # frozen parts (tokenizer, teacher) come from their files
+        load_strict(module, state, f"checkpoint={checkpoint} does not fit the model {run_dir / CONFIG_FILE} describes")
+    return module.export(out_dir or run_dir / "export")
