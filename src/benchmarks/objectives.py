@@ -81,7 +81,7 @@ def beit_step(encoder: DictConfig, batch: int, img_size: int, device: torch.devi
     objective = config("conf/pretrain/objective/beit.yaml")
     model_encoder = create_encoder(encoder, img_size, drop_path_rate=objective.drop_path_rate)
     layout = target_layout(model_encoder, img_size, objective.target_patch)
-    tokenizer_conf = OmegaConf.to_container(config("conf/tokenizer/tokenizer.yaml").tokenizer)
+    tokenizer_conf = OmegaConf.to_container(config("conf/tokenizer/tokenizer.yaml").objective)
     kwargs = {k: v for k, v in tokenizer_conf.items() if k not in ("kind", "optim")}
     view = layout.target_grid[0] * kwargs["downsample"]
     tokenizer = VQTokenizer(**{**kwargs, "img_size": view})

@@ -263,12 +263,12 @@ def stopped_ranks_end_the_run(trainer: DictConfig) -> Iterator[None]:
         resume = "the run can be resumed with the same command"
         if not joined:
             raise RunStopped(
-                f"the processes did not all meet within trainer.timeout_s={trainer.timeout_s} at the start "
+                f"the processes did not all meet within trainer.timeout_s={trainer.timeout_s:g} at the start "
                 f"({str(e).splitlines()[0]}): every process must reach the rendezvous within it; {resume}"
             ) from None
         ranks = silent_ranks(min(float(trainer.timeout_s) / 4, 5.0))  # the live ranks time out together
         who = f"rank {', '.join(map(str, ranks))}" if ranks else "a rank (the rendezvous store could not tell which)"
-        raise RunStopped(f"{who} stopped answering within trainer.timeout_s={trainer.timeout_s}: {resume}") from None
+        raise RunStopped(f"{who} stopped answering within trainer.timeout_s={trainer.timeout_s:g}: {resume}") from None
 
 
 def maybe_compile(module: nn.Module, enabled: bool) -> None:
