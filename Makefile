@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+WORKERS ?= auto  # make test: one test process per core (pytest-xdist)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: install demo test lint data bench bench-gpu
@@ -30,7 +31,7 @@ demo: install
 
 test: install
 	$(BIN)/lint-imports  # the layers of src/ only point down (pyproject.toml: [tool.importlinter])
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup tests  # pytest-xdist; tests/conftest.py groups them
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -42,6 +44,37 @@ def exit_on_user_error() -> Iterator[None]:
         sys.exit(f"config error: {e}")
     except RunStopped as e:
         sys.exit(f"run stopped: {e}")
+
+
+COMPOSITION_ERRORS = (ConfigCompositionException, MissingConfigException, OverrideParseException)
+HYDRA_DETAIL = ("full_key:", "object_type=", "reference_type=", "To append to your config")
+
+
+def composition_report(error: BaseException) -> str:
+    """Hydra's several-line report of an override it cannot compose, in one line: what failed, why, and the
+    choices a group offers (``encoder=vit_q``)."""
+    text = "\n".join(str(e) for e in (error, error.__cause__) if e is not None).split("\nConfig search path:")[0]
+    said, choices = [], []
+    for line in text.splitlines():
+        if line.startswith("\t"):
+            choices.append(line.strip())
+        elif line.strip() and not line.strip().startswith(HYDRA_DETAIL):
+            said.append(line.strip().rstrip("."))
+    return ": ".join(said) + (f" {', '.join(choices)}" if choices else "")
+
+
+def run_front_door(main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` function so that an override Hydra cannot compose (a value of the wrong type, an
+    unknown key or choice) ends in one ``config error:`` line, as every other config error does.
+    ``HYDRA_FULL_ERROR=1`` set by the user still shows Hydra's full report."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises, instead of printing its report and exiting
+    try:
+        main()
+    except COMPOSITION_ERRORS as e:
+        sys.exit(f"config error: {composition_report(e)}")
 
 
 # ---- what a schema field must be beyond its type -----------------------------------------------------------------

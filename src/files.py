@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from src.config import ConfigError
@@ -71,6 +72,15 @@ def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) in one step."""
     with atomic_file(path) as f:
         f.write(text.encode())
+
+
+def save_png(picture: Image.Image, path: Path) -> Path:
+    """A picture replaced in one step: a run killed while drawing leaves the previous picture, never a truncated
+    PNG that its resumed run would fail to read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        picture.save(f, format="PNG")
+    return path
 
 
 def save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from src.config import exit_on_user_error
+from src.config import exit_on_user_error, run_front_door
 from src.schema import register_schemas
 
 
@@ -20,4 +20,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     register_schemas()  # the YAML files name their schemas
-    main()
+    run_front_door(main)

@@ -27,6 +27,12 @@ from src.config import Check, above, at_least, between, one_of, setting
 OPTIMIZERS = ("adamw", "lars")
 POOLS = ("cls", "avg")  # the linear probe's feature: the final-normed cls token, or the mean of the patch tokens
 DISTILLATIONS = ("none", "soft", "hard")
+# src/pipeline/strategy.py builds these (HYBRID_* need process groups it does not build)
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+WANDB_MODES = ("auto", "online", "offline", "disabled")  # auto: online with a key and a server, else offline
+INIT_KINDS = ("auto", "lightning", "export", "official", "random")  # src/encoders/loading.py reads each
+TOKENIZER_KINDS = ("vq", "dalle")  # src/tokenizers loads each
+EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")  # src/detection/evaluation.py: COCO AP through either
 
 
 # ---- registries outside this repository, asked only when a config is checked ---------------------------------------
@@ -197,7 +203,7 @@ class DdpTrainer(Trainer):
 
 @dataclass
 class Fsdp:
-    sharding_strategy: str = MISSING  # src/pipeline/strategy.py names the ones it builds
+    sharding_strategy: str = setting(one_of(SHARDING_STRATEGIES))
     activation_checkpointing: bool = MISSING
 
 
@@ -211,7 +217,7 @@ class Wandb:
     enabled: bool = MISSING
     project: str = MISSING
     entity: str | None = MISSING
-    mode: str = MISSING
+    mode: str = setting(one_of(WANDB_MODES))
 
 
 @dataclass
@@ -336,7 +342,7 @@ class BlockMask:
 
 @dataclass
 class TokenizerFile:
-    kind: str = MISSING  # src/tokenizers names the kinds it loads
+    kind: str = setting(one_of(TOKENIZER_KINDS))
     path: str = MISSING
     allow_pickle: bool = MISSING
 
@@ -416,7 +422,7 @@ class DetectObjective(Objective):
     test_proposals: int = setting(at_least(1))
     anchor_sizes: list[int] = setting(Check(lambda v: len(v) == 5 and min(v) > 0, "needs 5 positive sizes (P2..P6)"))
     eval_every_n_epochs: int = setting(at_least(1))
-    eval_backend: str = MISSING  # src/detection/evaluation.py names the backends
+    eval_backend: str = setting(one_of(EVAL_BACKENDS))
     optim: DetectOptim = MISSING
 
 
@@ -475,7 +481,7 @@ class PretrainRun(Run):
 @dataclass
 class Init:
     checkpoint: str | None = MISSING
-    kind: str = MISSING  # src/encoders/loading.py names the kinds it reads
+    kind: str = setting(one_of(INIT_KINDS))
     encoder_from_checkpoint: bool = MISSING
     strict: bool = MISSING
     norm_to_fc_norm: bool = MISSING

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import runpy
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from hypothesis import settings
 from omegaconf import DictConfig
@@ -23,6 +29,9 @@ settings.register_profile("deterministic", derandomize=True)
 settings.register_profile("random", derandomize=False)
 settings.load_profile("deterministic")
 register_schemas()  # the YAML files name their schemas (src/schema.py), as the front doors register them
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: one test process per core, so one thread each (and in
+    os.environ["OMP_NUM_THREADS"] = "1"  # the commands the tests start): threads that outnumber the cores spin
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -41,6 +50,27 @@ TINY = [
     "logger=csv",
     "trainer.accelerator=cpu",
     "trainer.devices=1",
+]
+
+
+# Real Fashion-MNIST detection scenes, few and small, and heads to match (tests of detection and of its config).
+SMALL_HEADS = [
+    "objective.fpn_channels=32",
+    "objective.roi_samples=32",
+    "objective.test_proposals=50",
+    "objective.anchor_sizes=[8,16,32,64,128]",
+]
+SCENES = [
+    "dataset=fmnist_scenes",
+    "dataset.build_args.train_images=8",
+    "dataset.build_args.val_images=4",
+    "dataset.build_args.canvas=96",
+    "dataset.build_args.scale=[1,2]",
+    "dataset.sizes.train=[64,96]",
+    "dataset.sizes.test=96",
+    "dataset.sizes.max=160",
+    "dataset.crop.sizes=[64]",
+    "dataset.crop.range=[48,64]",
 ]
 
 
@@ -70,6 +100,49 @@ def commands(*calls: tuple[str, list[str]], timeout: int = 300) -> list[subproce
         return list(pool.map(lambda call: command(*call, timeout=timeout), calls))
 
 
+@dataclass(frozen=True)
+class Said:
+    """What a front door run in this process returned and printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def in_process(module: str, args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Said:
+    """``python -m MODULE ARGS`` run in this process as the interpreter runs it (``__main__``: Hydra's parsing,
+    ``run_front_door``, ``exit_on_user_error``), without a new interpreter's 6 s of imports. A ``sys.exit``
+    message goes to stderr, as the interpreter would print it."""
+    monkeypatch.setattr(sys, "argv", [module, *args])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # run_front_door sets it to 1; monkeypatch puts 0 back
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    returncode, message = 0, ""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level  # Hydra's job logging replaces them for the command
+    try:
+        runpy.run_module(module, run_name="__main__")
+    except SystemExit as e:
+        returncode = e.code if isinstance(e.code, int) else 1
+        message = "" if isinstance(e.code, int) or e.code is None else f"{e.code}\n"
+    finally:
+        GlobalHydra.instance().clear()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    return Said(returncode, out, err + message)
+
+
+def both_ranks(module: str, args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """The two processes of a ``trainer=cpu_ddp`` command started at once, as torchrun starts them (LOCAL_RANK
+    set: Lightning launches none itself), so that their start-ups share the two cores instead of taking turns."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    rank = partial(command, module, args, timeout, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda r: rank(LOCAL_RANK=str(r)), range(2)))
+
+
 # A tiny MAE pretraining command that shows everything a run can: W&B offline, pictures, the kNN monitor and a
 # CSV row at each of its 4 steps. The tests of what such a command prints and leaves read one run of it.
 SHOWING_RUN = [*TINY, "objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4"]
@@ -83,6 +156,16 @@ class CommandRun:
     args: list[str]
     run_dir: Path
     done: subprocess.CompletedProcess
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``make test`` runs the suite on every core (pytest-xdist, ``--dist loadgroup``): the tests of one file stay
+    on one worker, so that a module fixture is built once, and the tests that read the shared front-door run
+    (``pretrain_command_run``) stay together wherever they live."""
+    for item in items:
+        shared = "pretrain_command_run" in getattr(item, "fixturenames", ())
+        item.add_marker(pytest.mark.xdist_group("pretrain_command_run" if shared else item.module.__name__))
 
 
 @pytest.fixture(scope="session")

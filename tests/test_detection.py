@@ -7,14 +7,11 @@ evaluated on real Fashion-MNIST scenes, deepforest's aerial tree tiles (boxes on
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, compose_config
+from conftest import SCENES, SMALL_HEADS, TINY, both_ranks, compose_config
 from omegaconf import OmegaConf
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
@@ -26,24 +23,6 @@ from src.methods.optim import scaled_lr, warmup_step_decay
 from src.pipeline.fit import prepare, run
 
 MAE_LIGHT = ["objective.decoder_dim=32", "objective.decoder_depth=2", "objective.decoder_heads=2"]
-SMALL_HEADS = [
-    "objective.fpn_channels=32",
-    "objective.roi_samples=32",
-    "objective.test_proposals=50",
-    "objective.anchor_sizes=[8,16,32,64,128]",
-]
-SCENES = [
-    "dataset=fmnist_scenes",
-    "dataset.build_args.train_images=8",
-    "dataset.build_args.val_images=4",
-    "dataset.build_args.canvas=96",
-    "dataset.build_args.scale=[1,2]",
-    "dataset.sizes.train=[64,96]",
-    "dataset.sizes.test=96",
-    "dataset.sizes.max=160",
-    "dataset.crop.sizes=[64]",
-    "dataset.crop.range=[48,64]",
-]
 PALE_SMALL = ["+encoder.kwargs.embed_dim=16", "+encoder.kwargs.depths=[1,1,1,1]", "+encoder.kwargs.num_heads=[2,2,2,2]"]
 
 
@@ -281,17 +260,10 @@ def test_two_process_ddp_at_ratio_one_has_no_unused_parameters(mae_run, tmp_path
     overrides = [f"init.checkpoint={ckpt}", "trainer=cpu_ddp", "trainer.max_steps=1", "objective.train_ratio=1.0"]
     args = detect_overrides(tmp_path, *overrides, "run_name=ddp")
     args = [a for a in args if not a.startswith("trainer.devices")]  # cpu_ddp's 2 processes, not TINY's 1
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "src.finetune", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    ranks = both_ranks("src.finetune", args)  # the scenes are built once, under a lock
+    for result in ranks:
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in ranks[1].stdout + ranks[1].stderr
     assert (tmp_path / "ddp" / "checkpoints" / "last.ckpt").is_file()
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose_config
 from lightning.pytorch.loggers import WandbLogger
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -24,6 +25,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.io import read_image
 from torchvision.ops import box_iou
 
+from src.config import ConfigError, validate
 from src.data.builtin import load_fashion_mnist
 from src.detection.evaluation import DetectionEvaluator
 from src.detection.pictures import DetectionPictures, draw_detections, per_class_table, wandb_detection_image
@@ -245,10 +247,9 @@ def test_faster_coco_eval_matches_pycocotools(garments):
 
 
 def test_backend_errors_say_what_to_do(monkeypatch):
-    from src.config import ConfigError
-
-    with pytest.raises(ConfigError, match="faster_coco_eval"):
-        DetectionEvaluator(CLASSES, masks=False, backend="detectron2")
+    cfg = compose_config(["objective=detect", "objective.eval_backend=detectron2"], config_name="finetune")
+    with pytest.raises(ConfigError, match="objective.eval_backend='detectron2' must be one of .*faster_coco_eval"):
+        validate(cfg)  # the schema names the backends
     installed = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == "faster_coco_eval" else installed(name)

@@ -9,10 +9,6 @@ modules load inside the tests that use them.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
@@ -21,7 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import TINY, command, compose_config
+from conftest import TINY, both_ranks, compose_config
 
 from src.evaluation.gather import gather_strided
 
@@ -109,23 +105,12 @@ def knn_run(runs_dir: Path, *overrides: str) -> list[str]:
     return [*args, f"runs_dir={runs_dir}", "run_name=knn", *overrides]
 
 
-def both_ranks(args: list[str]) -> list[subprocess.CompletedProcess]:
-    """The two processes of a ``trainer=cpu_ddp`` command started at once, as torchrun starts them (LOCAL_RANK
-    set: Lightning launches none itself), so that their start-ups share the two cores instead of taking turns."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    rank = partial(command, "src.finetune", args, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    with ThreadPoolExecutor(WORLD) as pool:
-        return list(pool.map(lambda r: rank(LOCAL_RANK=str(r)), range(WORLD)))
-
-
 @pytest.mark.slow
 def test_two_processes_report_the_metrics_of_one(tmp_path):
     from src.pipeline.fit import run
 
     run(compose_config(knn_run(tmp_path / "one", "trainer.devices=1"), config_name="finetune"))
-    ranks = both_ranks(knn_run(tmp_path / "two", "trainer=cpu_ddp"))
+    ranks = both_ranks("src.finetune", knn_run(tmp_path / "two", "trainer=cpu_ddp"))
     for done in ranks:
         assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((tmp_path / name / "knn" / "metrics.json").read_text()) for name in ("one", "two"))

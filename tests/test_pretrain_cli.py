@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import TINY, CommandRun, command, commands, compose_config, start_pretraining
+from conftest import TINY, CommandRun, command, commands, compose_config, in_process, start_pretraining
 from hydra.errors import HydraException
 from safetensors.torch import load_file
 
@@ -52,20 +52,25 @@ def test_bad_config_fails_before_training_naming_the_key(tmp_path, override, nam
 
 @pytest.mark.slow
 def test_the_command_says_a_bad_config_in_one_line_and_exits_1(tmp_path):
-    """The one command-line case of the errors above: status 1, one line naming the key, no traceback."""
-    result = command(
-        "src.pretrain", [*TINY, f"runs_dir={tmp_path}", "dataset=image_folder", "dataset.root=/nonexistent/photos"]
+    """The command-line cases of the errors above, one found by the pipeline and one by Hydra's composition:
+    status 1, one line naming the key, no traceback."""
+    results = commands(
+        ("src.pretrain", [*TINY, f"runs_dir={tmp_path}", "dataset=image_folder", "dataset.root=/nonexistent/photos"]),
+        ("src.pretrain", [*TINY, f"runs_dir={tmp_path}", "batch_size=abc"]),
     )
-    assert result.returncode == 1, result.stderr[-3000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("config error: dataset.root: image folder /nonexistent/photos does not exist"), last
-    assert "Traceback" not in result.stderr
+    said = (
+        "dataset.root: image folder /nonexistent/photos does not exist",
+        "Error merging override batch_size=abc: Value 'abc'",
+    )
+    for result, named in zip(results, said, strict=True):
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert result.stderr.strip().startswith(f"config error: {named}"), result.stderr[-3000:]
+        assert "\n" not in result.stderr.strip() and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("*/checkpoints"))  # nothing trained
 
 
-@pytest.mark.slow
-def test_cfg_job_prints_the_composed_config():
-    result = command("src.pretrain", ["objective=mae", "encoder=vit_l", "--cfg", "job"], timeout=60)
+def test_cfg_job_prints_the_composed_config(capsys, monkeypatch):
+    result = in_process("src.pretrain", ["objective=mae", "encoder=vit_l", "--cfg", "job"], capsys, monkeypatch)
     assert result.returncode == 0, result.stderr
     assert "arch: mim_vit_large_patch16" in result.stdout and "mask_ratio: 0.75" in result.stdout
 
@@ -147,6 +152,7 @@ def test_export_of_vit_b_loads_into_timm_vit_base_patch16_224(tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_at_the_same_step(tmp_path):
     args = [*TINY, *MAE_LIGHT, f"runs_dir={tmp_path}", "run_name=killed", "epochs=50", "checkpoint_every_n_steps=2"]
+    args.append("knn=null")  # no kNN pass at each epoch's end: the kill comes sooner
     ckpt = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = start_pretraining(args, env)
@@ -171,6 +177,7 @@ def test_killed_run_resumes_at_the_same_step(tmp_path):
     assert not list(ckpt.parent.glob(".*.tmp"))  # whatever the kill left half-written is gone after resume
 
 
+@pytest.mark.slow  # a process that has exited names a dead writer
 def test_partial_writes_of_a_killed_save_are_removed(tmp_path):
     from src.pipeline.checkpoint import AtomicCheckpointIO
     from src.pipeline.run_folder import remove_dead_partial_writes

@@ -7,7 +7,7 @@ from hydra.errors import MissingConfigException
 
 from src.config import ConfigError
 from src.pipeline.fit import prepare
-from tests.conftest import REPO, commands, compose_config
+from tests.conftest import REPO, commands, compose_config, in_process
 
 FRONT_DOORS = {  # recipes/<folder> -> the command that reads it
     "pretrain": "src.pretrain",
@@ -46,7 +46,8 @@ def test_a_misspelt_or_foreign_recipe_fails_naming_the_valid_ones(recipe: str) -
 
 @pytest.mark.slow
 def test_help_lists_the_recipes_of_each_front_door() -> None:
-    """The four commands at once: each is a front door's one start from the command line in this file."""
+    """The four commands at once, each a real start from the command line (in-process they take longer: Hydra
+    reads every config group for the help)."""
     helps = commands(*((module, ["--help"]) for module in FRONT_DOORS.values()), timeout=120)
     for door, out in zip(FRONT_DOORS, helps, strict=True):
         assert out.returncode == 0, out.stderr[-2000:]
@@ -54,3 +55,20 @@ def test_help_lists_the_recipes_of_each_front_door() -> None:
         listed = {name.strip() for name in line.removeprefix("recipe: ").split(",")}
         assert listed == {recipe for folder, recipe in RECIPES if folder == door}, (door, listed)
         assert "\ncombo:" not in out.stdout and "show_config=true" in out.stdout  # combo is picked, never chosen
+
+
+@pytest.mark.parametrize("door", FRONT_DOORS.values())
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("batch_size=abc", "override batch_size=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("batch_sise=8", "Could not override 'batch_sise': Key 'batch_sise' not in"),
+        ("dataset=nowhere", "Could not find 'dataset/nowhere': Available options in 'dataset': "),
+        ("encoder=[", "no viable alternative at input '['"),
+    ],
+)
+def test_an_override_hydra_cannot_compose_is_one_line_naming_it(door, override, said, capsys, monkeypatch):
+    """Each front door's own start, in-process: Hydra's several-line report becomes one line, status 1."""
+    done = in_process(door, [override], capsys, monkeypatch)
+    assert done.returncode == 1 and done.stderr.startswith("config error: "), done.stderr
+    assert said in done.stderr and done.stderr.count("\n") == 1, done.stderr

@@ -7,16 +7,13 @@ with 4 px patches at 32 px and a 2-block, 32-wide MAE decoder, which is not the 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import CONF, REPO, TINY, compose_config
+from conftest import CONF, SCENES, SMALL_HEADS, TINY, compose_config, in_process
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
@@ -26,30 +23,8 @@ from src.methods.mae import MAE
 from src.pipeline.fit import prepare, run, shown_config
 
 MAE_DECODER = ["objective.decoder_dim=32", "objective.decoder_depth=2", "objective.decoder_heads=2"]
-DETECTION = [  # a tiny detection run on real Fashion-MNIST scenes, as tests/test_detection.py makes them
-    "objective=detect",
-    "dataset=fmnist_scenes",
-    "dataset.build_args.train_images=8",
-    "dataset.build_args.val_images=4",
-    "dataset.build_args.canvas=96",
-    "dataset.build_args.scale=[1,2]",
-    "dataset.sizes.train=[64,96]",
-    "dataset.sizes.test=96",
-    "dataset.sizes.max=160",
-    "dataset.crop.sizes=[64]",
-    "dataset.crop.range=[48,64]",
-    "objective.decoder_depth=2",
-    "objective.fpn_channels=32",
-    "objective.roi_samples=32",
-    "objective.test_proposals=50",
-    "objective.anchor_sizes=[8,16,32,64,128]",
-    "batch_size=4",
-    "num_workers=0",
-    "logger=csv",
-    "trainer.accelerator=cpu",
-    "trainer.devices=1",
-    "warmup_epochs=0",
-]
+DETECTION = ["objective=detect", *SCENES, "objective.decoder_depth=2", *SMALL_HEADS, "batch_size=4", "num_workers=0"]
+DETECTION += ["logger=csv", "trainer.accelerator=cpu", "trainer.devices=1", "warmup_epochs=0"]
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +103,10 @@ def test_combo_is_picked_by_itself_named_with_its_values_and_not_offered_as_a_ch
     assert notes[0].startswith("picked by itself: ") and said + "the file's 32)" in notes[0]
 
 
-@pytest.mark.slow
-def test_the_demo_shows_the_sizes_it_chose_and_writes_nothing(tmp_path):
+def test_the_demo_shows_the_sizes_it_chose_and_writes_nothing(tmp_path, capsys, monkeypatch):
     """The front door's show_config=true: the settled YAML (the combo's sizes) and a comment naming the combo."""
-    command = [sys.executable, "-m", "src.pretrain", "objective=mae", "encoder=vit_b", "show_config=true"]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    done = subprocess.run(
-        [*command, f"runs_dir={tmp_path}/runs"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
+    demo = ["objective=mae", "encoder=vit_b", "show_config=true", f"runs_dir={tmp_path}/runs"]
+    done = in_process("src.pretrain", demo, capsys, monkeypatch)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (
         "# picked by itself: conf/pretrain/combo/mae_vit_b_fashion_mnist.yaml sets encoder.kwargs.patch_size=8"

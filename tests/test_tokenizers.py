@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
-from src.config import ConfigError
+from src.config import ConfigError, validate
 from src.data.builtin import load_fashion_mnist
 from src.data.transforms import EvalTransform
 from src.methods.tokenizer import evaluate_tokenizer
@@ -120,8 +120,8 @@ def test_tokenizer_config_errors_name_the_key(tmp_path: Path) -> None:
     missing = OmegaConf.create({"kind": "vq", "path": str(tmp_path / "nope.safetensors")})
     with pytest.raises(ConfigError, match=r"objective.tokenizer.path=.*python -m src.train_tokenizer"):
         tokenizer_spec(missing)
-    with pytest.raises(ConfigError, match=r"objective.tokenizer.kind='bpe'"):
-        tokenizer_spec(OmegaConf.create({"kind": "bpe", "path": None}))
+    with pytest.raises(ConfigError, match=r"objective.tokenizer.kind='bpe' must be one of \('vq', 'dalle'\)"):
+        validate(compose_config(["objective=beit", "objective.tokenizer.kind=bpe"]))  # the schema names the kinds
     with pytest.raises(ConfigError, match="objective.vocab_size"):
         run(compose_config([f"runs_dir={tmp_path}", "objective.vocab_size=1"], config_name="tokenizer"))
 

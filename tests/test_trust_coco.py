@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CONF, REPO
+from conftest import CONF, in_process
 from omegaconf import OmegaConf
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -172,7 +169,7 @@ def test_an_all_crowd_training_split_fails_before_work_with_the_way_out(root: Pa
     )
 
 
-def test_the_front_door_says_it_in_one_line_and_exits_1(root: Path, tmp_path: Path) -> None:
+def test_the_front_door_says_it_in_one_line_and_exits_1(root: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     """What the user types and sees: `config error: ...` on stderr, status 1, before any model is built."""
     coco = tiny_coco()
     for ann in coco["annotations"]:
@@ -181,10 +178,7 @@ def test_the_front_door_says_it_in_one_line_and_exits_1(root: Path, tmp_path: Pa
     overrides = ["objective=detect", "encoder=pale_t", "dataset=deepforest_trees", "dataset.build=null"]
     overrides += [f"dataset.root={root}", "dataset.num_classes=2", f"runs_dir={tmp_path}", "logger=csv"]
     overrides += ["trainer.accelerator=cpu", "num_workers=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "src.finetune", *overrides], cwd=REPO, env=env, capture_output=True, text=True
-    )
+    done = in_process("src.finetune", overrides, capsys, monkeypatch)
     assert done.returncode == 1, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"config error: dataset.train_annotations: {root}/annotations/instances_train.json: ")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import TINY, compose_config
 from omegaconf import OmegaConf
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import src.encoders  # noqa: F401  (registers the encoder families)
@@ -23,7 +24,7 @@ from src.config import ConfigError
 from src.encoders import create_encoder
 from src.encoders.loading import InitCheckpoint, load_encoder_weights, read_checkpoint
 from src.export import main
-from src.files import load_state_dict_file, save_weights
+from src.files import load_state_dict_file, save_png, save_weights
 from src.methods.mae import MAE
 from src.methods.teacher import ClassifierRecord, InputSpec
 from src.pipeline.export import export_run, pickle_allowed
@@ -289,3 +290,19 @@ def test_export_refuses_a_checkpoint_that_does_not_fit_naming_the_key(mae_folder
         with pytest.raises(ConfigError, match=said) as e:
             export_run(mae_folder, checkpoint=path)
         assert str(path) in one_line(e)
+
+
+def test_a_picture_killed_while_written_leaves_the_previous_one(tmp_path: Path) -> None:
+    """A requeue's kill can land while a picture is drawn; the resumed run reads every step*.png back."""
+    path = save_png(Image.new("RGB", (4, 4), "red"), tmp_path / "step0000006.png")
+
+    def half_written(f, format: str) -> None:
+        f.write(b"\x89PNG\r\n\x1a\n")  # a PNG's first bytes, then the kill
+        raise KeyboardInterrupt
+
+    blue = Image.new("RGB", (4, 4), "blue")
+    blue.save = half_written
+    with pytest.raises(KeyboardInterrupt):
+        save_png(blue, path)
+    assert Image.open(path).getpixel((0, 0)) == (255, 0, 0)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial file left beside it

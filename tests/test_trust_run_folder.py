@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, command, compose_config
+from conftest import TINY, compose_config, in_process
 
 from src.config import ConfigError
 from src.pipeline.fit import run
@@ -58,14 +58,13 @@ def test_a_run_name_that_climbs_out_of_runs_dir_is_refused(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
-def test_refused_commands_write_nothing_anywhere(tmp_path: Path) -> None:
+def test_refused_commands_write_nothing_anywhere(tmp_path: Path, capsys, monkeypatch) -> None:
     """Through the front door (Hydra included), a changed config leaves no trace: no .hydra folder, no log file.
     The pipeline's own refusals write nothing either (an escaping run_name: the test above, in-process)."""
     run(tiny(tmp_path / "runs", "trainer.max_steps=1"))
     before = snapshot(tmp_path)
-    done = command(
-        "src.pretrain", [*SHORT, f"runs_dir={tmp_path / 'runs'}", "run_name=run", "objective.mask_ratio=0.5"]
-    )
+    changed = [*SHORT, f"runs_dir={tmp_path / 'runs'}", "run_name=run", "objective.mask_ratio=0.5"]
+    done = in_process("src.pretrain", changed, capsys, monkeypatch)
     assert done.returncode == 1 and "objective.mask_ratio: 0.75 -> 0.5" in done.stderr, done.stderr[-2000:]
     assert snapshot(tmp_path) == before
 

@@ -15,10 +15,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.detection import MeanAveragePrecision
 
-from src.config import ConfigError
+from src.schema import EVAL_BACKENDS
 
-# backend -> the pip package that provides it
-BACKENDS = {"pycocotools": "pycocotools", "faster_coco_eval": "faster-coco-eval"}
+BACKEND_PACKAGES = dict(zip(EVAL_BACKENDS, ("pycocotools", "faster-coco-eval"), strict=True))  # what pip installs
 # our names -> torchmetrics' (COCOeval's stats[0:6])
 SUMMARY = {
     "ap": "map",
@@ -34,12 +33,10 @@ MASK_THRESHOLD = 0.5  # torchvision's mask probabilities -> binary masks, as its
 
 def check_backend(backend: str) -> None:
     """Fail at construction, not after the first validation epoch, when the COCO backend cannot be used."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"the COCO evaluation backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     if importlib.util.find_spec(backend) is None:
         raise ImportError(
-            f"the COCO evaluation backend {backend!r} is not installed: `pip install {BACKENDS[backend]}` "
-            f"(or choose the other backend, one of {sorted(BACKENDS)})"
+            f"the COCO evaluation backend {backend!r} is not installed: `pip install {BACKEND_PACKAGES[backend]}` "
+            f"(or choose the other backend, one of {EVAL_BACKENDS})"
         )
 
 

@@ -34,7 +34,6 @@ from src.config import ConfigError
 from src.encoders.base import EXPORT_DROPPED, HEADS, FilterReport, MaskedEncoder
 from src.files import read_weights, unwrap
 
-KINDS = ("auto", "lightning", "export", "official", "random")
 ENCODER_PREFIX = "encoder."
 
 
@@ -192,8 +191,6 @@ class InitCheckpoint:
         if init is None:
             return cls()
         kind = init.get("kind", "auto")
-        if kind not in KINDS:
-            raise ConfigError(f"init.kind={kind!r} is not one of {KINDS}")
         how = {"strict": bool(init.get("strict", True)), "norm_to_fc_norm": bool(init.get("norm_to_fc_norm", True))}
         if kind == "random" or (kind == "auto" and init.get("checkpoint") is None):
             return cls(**how)

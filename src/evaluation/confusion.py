@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
 
+from src.files import save_png
+
 CELL = 28  # pixels per matrix cell, enough for a two-digit percentage in PIL's built-in font
 MARGIN = 24
 
@@ -51,9 +53,7 @@ class ConfusionMatrixPicture(L.Callback):
         if matrix is None:
             return
         picture = confusion_picture(matrix)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"confusion_step{trainer.global_step:07d}.png"
-        picture.save(path)
+        path = save_png(picture, self.out_dir / f"confusion_step{trainer.global_step:07d}.png")
         self.saved.append(path)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -16,6 +16,7 @@ from torchvision.utils import make_grid, save_image
 
 from src.config import RunStopped
 from src.evaluation.knn import RawPixels, check_bank, knn_accuracy
+from src.files import atomic_file
 from src.methods.optim import skips_on_found_inf
 from src.pipeline.report import side_by_side
 
@@ -208,7 +209,8 @@ class PictureLogger(L.Callback):
         grid = make_grid(picture, nrow=views, padding=1)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step{trainer.global_step:07d}.png"
-        save_image(grid, path)
+        with atomic_file(path) as f:  # a kill while drawing leaves no truncated PNG for the resumed run to read
+            save_image(grid, f, format="png")
         if path not in self.saved:
             self.saved.append(path)
         for logger in trainer.loggers:

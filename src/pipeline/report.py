@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from src.files import save_png
+
 log = logging.getLogger(__name__)
 
 WIDTH, HEIGHT, MARGIN = 640, 360, 48
@@ -70,9 +72,7 @@ def draw_curve(points: list[tuple[int, float]], title: str, out: Path) -> Path:
     draw.text((x0, y1 + 8), f"step {steps[0]}", fill=INK)
     draw.text((x1 - 70, y1 + 8), f"step {steps[-1]}", fill=INK)
     draw.text((x0 + 8, y0 + 6), title, fill=INK)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    return out
+    return save_png(image, out)
 
 
 def loss_curve(csv_file: Path, out: Path, key: str = "train/loss") -> Path | None:
@@ -96,5 +96,4 @@ def side_by_side(first: Path, last: Path, out: Path) -> Path:
         draw.text((x + 2, 3), f"step {int(path.stem.removeprefix('step'))}", fill=INK)
         canvas.paste(image, (x, caption))
         x += image.width + 16
-    canvas.save(out)
-    return out
+    return save_png(canvas, out)
