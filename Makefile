@@ -31,7 +31,7 @@ demo: install
 
 test: install
 	$(BIN)/lint-imports  # the layers of src/ only point down (pyproject.toml: [tool.importlinter])
-	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup tests  # pytest-xdist; tests/conftest.py groups them
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadfile tests  # pytest-xdist: a file's tests on one worker
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -27,8 +27,6 @@ from src.config import Check, above, at_least, between, one_of, setting
 OPTIMIZERS = ("adamw", "lars")
 POOLS = ("cls", "avg")  # the linear probe's feature: the final-normed cls token, or the mean of the patch tokens
 DISTILLATIONS = ("none", "soft", "hard")
-# src/pipeline/strategy.py builds these (HYBRID_* need process groups it does not build)
-SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 WANDB_MODES = ("auto", "online", "offline", "disabled")  # auto: online with a key and a server, else offline
 INIT_KINDS = ("auto", "lightning", "export", "official", "random")  # src/encoders/loading.py reads each
 TOKENIZER_KINDS = ("vq", "dalle")  # src/tokenizers loads each
@@ -203,7 +201,10 @@ class DdpTrainer(Trainer):
 
 @dataclass
 class Fsdp:
-    sharding_strategy: str = setting(one_of(SHARDING_STRATEGIES))
+    """FSDP2 (src/pipeline/strategy.py: FullyShardedStrategy)."""
+
+    reshard_after_forward: bool = MISSING
+    hybrid: bool = MISSING
     activation_checkpointing: bool = MISSING
 
 
@@ -266,6 +267,7 @@ class Optim:
     reference_batch: int = setting(at_least(1))
     betas: list[float] = MISSING
     weight_decay: float = setting(at_least(0))
+    fused: bool | None = None  # AdamW's fused kernel; null: on a GPU only (src/methods/optim.py)
 
 
 @dataclass

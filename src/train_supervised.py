@@ -12,10 +12,10 @@ from src.schema import register_schemas
 @hydra.main(version_base="1.3", config_path="../conf/supervised", config_name="supervised")
 def main(cfg: DictConfig) -> None:
     from src.pipeline.fit import run, shown_config  # heavy imports after Hydra has parsed the command line
-    from src.pipeline.summary import summary
+    from src.pipeline.summary import report, summary
 
     with exit_on_user_error():
-        print(shown_config(cfg) if cfg.show_config else summary(run(cfg)))
+        report(shown_config(cfg) if cfg.show_config else summary(run(cfg)))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ settings.register_profile("deterministic", derandomize=True)
 settings.register_profile("random", derandomize=False)
 settings.load_profile("deterministic")
 register_schemas()  # the YAML files name their schemas (src/schema.py), as the front doors register them
-if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: one test process per core, so one thread each (and in
-    os.environ["OMP_NUM_THREADS"] = "1"  # the commands the tests start): threads that outnumber the cores spin
+# make test runs the suite on every core (pytest-xdist, --dist loadfile: a file's tests on one worker, so that its
+# module fixtures are built once); one test process per core, so one thread each (and in the commands the tests
+# start): threads that outnumber the cores spin.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,13 +135,14 @@ def in_process(module: str, args: list[str], capsys: pytest.CaptureFixture, monk
     return Said(returncode, out, err + message)
 
 
-def both_ranks(module: str, args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """The two processes of a ``trainer=cpu_ddp`` command started at once, as torchrun starts them (LOCAL_RANK
-    set: Lightning launches none itself), so that their start-ups share the two cores instead of taking turns."""
+def both_ranks(module: str, args: list[str], timeout: int = 300, **env: str) -> list[subprocess.CompletedProcess]:
+    """The two processes of a two-process command (``trainer=cpu_ddp``, ``trainer=fsdp``) started at once, as
+    torchrun starts them (LOCAL_RANK set: Lightning launches none itself), so that their start-ups share the two
+    cores instead of taking turns (``env``: more variables)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    rank = partial(command, module, args, timeout, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    rank = partial(command, module, args, timeout, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(lambda r: rank(LOCAL_RANK=str(r)), range(2)))
 
@@ -156,16 +160,6 @@ class CommandRun:
     args: list[str]
     run_dir: Path
     done: subprocess.CompletedProcess
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """``make test`` runs the suite on every core (pytest-xdist, ``--dist loadgroup``): the tests of one file stay
-    on one worker, so that a module fixture is built once, and the tests that read the shared front-door run
-    (``pretrain_command_run``) stay together wherever they live."""
-    for item in items:
-        shared = "pretrain_command_run" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.xdist_group("pretrain_command_run" if shared else item.module.__name__))
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 from src.config import ConfigError
 from src.pipeline.export import export_run
 from src.pipeline.fit import run
+from src.pipeline.output import HARMLESS_LOG_LINES, HARMLESS_WARNINGS
 
 MAE_LIGHT = ["objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4"]
 
@@ -103,6 +105,22 @@ def test_run_writes_checkpoint_exports_pictures_and_offline_wandb(pretrain_comma
     # the export command rebuilds the run from its saved config and writes the same weights
     again = load_file(str(export_run(run_dir, out_dir=tmp_path / "again")["encoder"]))
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
+
+
+@pytest.mark.slow
+def test_a_run_prints_each_line_once_and_no_known_harmless_warning(pretrain_command_run: CommandRun) -> None:
+    """What the shared front-door run (W&B offline, pictures, kNN) printed, and its own log."""
+    done = pretrain_command_run.done
+    printed = (done.stdout + done.stderr).replace("\r", "\n")
+    progress_bar = re.compile(r"it/s[\],]")
+    lines = [line for line in printed.splitlines() if line.strip("-| ") and not progress_bar.search(line)]
+    assert not [line for line, n in Counter(lines).items() if n > 1], printed
+    for message in (*HARMLESS_WARNINGS, *HARMLESS_LOG_LINES, "anonymous setting has no effect"):
+        assert not re.search(message, printed), message
+    assert "skipped    : 0 corrupt samples (named in the warnings), 0 steps with NaN/inf gradients" in done.stdout
+    assert re.search(r"W&B run    : .*offline-run-.*wandb sync", done.stdout)
+    run_log = (pretrain_command_run.run_dir / "pretrain.log").read_text()  # Lightning's lines reach the run's own log
+    assert "GPU available" in run_log and "lr " in run_log
 
 
 @pytest.mark.slow
@@ -220,6 +238,7 @@ def test_two_process_ddp_run_on_cpu(tmp_path):
     # 128 images over 2 ranks at 16 per device: 4 optimizer steps, one shared run folder
     assert last_step(tmp_path / "ddp" / "checkpoints" / "last.ckpt") == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]
+    assert result.stdout.count("run finished at step 4") == 1  # the summary once, from rank zero
 
 
 @pytest.mark.slow

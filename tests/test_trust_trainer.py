@@ -129,7 +129,6 @@ def test_a_small_temperature_still_votes_for_the_nearest_class() -> None:
         ("trainer.timeout_s=0", "trainer.timeout_s=0.0 must be > 0 (seconds a rank waits for the others"),
         ("trainer.devices=[0,1]", "trainer.devices=[0, 1] names GPUs, and this run is on the CPU"),
         ("trainer.precision=16-mixed", "trainer.precision=16-mixed is fp16 autocast, which the CPU does not have"),
-        ("trainer.strategy=fsdp", "trainer.strategy=fsdp runs on cuda devices only, and this run is on cpu"),
         ("trainer.strategy=xla", "trainer.strategy=xla runs on tpu devices only, and this run is on cpu"),
         ("trainer.strategy=single_device", "trainer.strategy=single_device runs one process, and trainer.devices=2"),
     ],

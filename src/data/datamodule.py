@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from src.config import ConfigError, RunStopped, UserError
-from src.data.distributed import SampleExtras, SeededDataset, evaluation_sampler, training_sampler
+from src.data.distributed import SampleExtras, SeededDataset, evaluation_split, training_sampler
 from src.data.kinds import ImageKind, ImageRequest, check_image_keys, kind_class, kinds_of
 from src.data.shards import ShardDataset
 from src.data.transforms import DEVICE_TRANSFORMS, SampleTransform, StoredImages
@@ -283,8 +283,10 @@ class ImageDataModule(L.LightningDataModule):
     def _eval_loader(self, dataset: Dataset, rank_split: bool) -> DataLoader:
         workers = self._workers_for(dataset, per_rank=False)
         split = rank_split and not isinstance(dataset, IterableDataset)
-        sampler = evaluation_sampler(self.trainer, len(dataset)) if split else None
-        return self._loader(dataset, workers, False, batch_size=self.batch_size, sampler=sampler)
+        sampler, batch_size = (
+            evaluation_split(self.trainer, len(dataset), self.batch_size) if split else (None, self.batch_size)
+        )
+        return self._loader(dataset, workers, False, batch_size=batch_size, sampler=sampler)
 
     def _workers_for(self, dataset: Dataset, per_rank: bool) -> int:
         """Shard readers split whole shards between workers: more workers than shards would sit idle."""

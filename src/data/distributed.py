@@ -242,8 +242,17 @@ def training_sampler(
     return sampler
 
 
-def evaluation_sampler(trainer: L.Trainer | None, size: int) -> RankStrideSampler | None:
-    """This rank's share of an evaluation set; None (every sample, in order) for one process."""
+def evaluation_split(trainer: L.Trainer | None, size: int, batch_size: int) -> tuple[RankStrideSampler | None, int]:
+    """This rank's share of an evaluation set (None: every sample, in order, for one process) and its batch size.
+
+    The shares differ by one sample at most; the batch size grows until they make the same number of batches on
+    every rank (17 and 16 images: batches of 9, not 8). A sharded model (``trainer=fsdp``) runs each forward pass
+    on all ranks together, so a rank with one batch more would wait for the others forever.
+    """
     if trainer is None or trainer.world_size == 1:
-        return None
-    return RankStrideSampler(size, trainer.world_size, trainer.global_rank)
+        return None, batch_size
+    world = trainer.world_size
+    shares = {len(range(rank, size, world)) for rank in range(world)}
+    while batch_size < max(shares) and len({-(-share // batch_size) for share in shares}) > 1:
+        batch_size += 1
+    return RankStrideSampler(size, world, trainer.global_rank), batch_size

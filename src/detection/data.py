@@ -30,7 +30,7 @@ from torchvision.transforms import InterpolationMode
 
 from src.config import ConfigError
 from src.data.datamodule import SkippingDataLoader
-from src.data.distributed import SeededDataset, evaluation_sampler, training_sampler
+from src.data.distributed import SeededDataset, evaluation_split, training_sampler
 from src.data.folder import decode_or_none
 from src.data.kinds import DataKind, kind_class, register_kind
 from src.detection.build_sets import ensure_built
@@ -615,8 +615,8 @@ class CocoDataModule(L.LightningDataModule):
         self.setup()
         assert self._sets is not None
         val = self._sets["val"]
-        sampler = evaluation_sampler(self.trainer, len(val))
-        return self._loader(val, batch_size=self.batch_size, sampler=sampler)
+        sampler, batch_size = evaluation_split(self.trainer, len(val), self.batch_size)
+        return self._loader(val, batch_size=batch_size, sampler=sampler)
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         return SkippingDataLoader(

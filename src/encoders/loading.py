@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 from src.config import ConfigError
 from src.encoders.base import EXPORT_DROPPED, HEADS, FilterReport, MaskedEncoder
 from src.files import read_weights, unwrap
+from src.shards import is_sharded, read_sharded_checkpoint
 
 ENCODER_PREFIX = "encoder."
 
@@ -124,7 +125,10 @@ def read_checkpoint(path: str | Path, kind: str, allow_pickle: bool = False) -> 
         raise ConfigError(f"init.kind={kind} but {path} is a safetensors export: use init.kind=export or auto")
     if path.suffix != ".safetensors" and kind == "export":
         raise ConfigError(f"init.kind=export expects a .safetensors file, got {path}")
-    raw = read_weights(path, "init.checkpoint", allow_pickle, mmap=True)
+    if is_sharded(path):  # a trainer=fsdp checkpoint: its shards gathered here
+        raw = read_sharded_checkpoint(path, "init.checkpoint")
+    else:
+        raw = read_weights(path, "init.checkpoint", allow_pickle, mmap=True)
     if path.suffix == ".safetensors":
         return "export", raw, {}
     is_lightning = "state_dict" in raw and "pytorch-lightning_version" in raw

@@ -173,6 +173,17 @@ class TrainingMethod(L.LightningModule):
         if self.trainer.world_size > 1:
             use_global_batchnorm(self)
 
+    def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's pooled features (the kNN monitor's), asked of the module: under FSDP2 a method of the
+        module gathers the shards outside the blocks first (``FORWARD_METHODS``), one of the encoder does not."""
+        return self.encoder.forward_pooled(images)
+
+    def configure_model(self) -> None:
+        """Under ``trainer=fsdp`` the strategy shards the model here (FSDP2), before the optimizer sees it."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None:
+            shard(self)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, extras = self.compute_loss(batch)  # a non-finite loss is skipped by the pipeline's NonFiniteGuard
         self.skipped_total += batch.get("skipped", torch.zeros((), dtype=torch.long, device=self.device)).sum()

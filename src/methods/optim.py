@@ -156,13 +156,17 @@ class LARS(torch.optim.Optimizer):
 def create_optimizer(groups: list[dict], lr: float, optim: dict) -> torch.optim.Optimizer:
     """``optim["name"]``: adamw (default; ``betas``) or lars (``momentum``). Groups may carry their own lr.
 
-    On a GPU AdamW is the fused kernel, which can skip a step on a device-side flag (``found_inf``); on the
-    CPU it is torch's default implementation, whose arithmetic the reference codes share bit for bit.
+    AdamW is torch's fused kernel where ``optim["fused"]`` says so (null: on a GPU only): one kernel per step,
+    which skips itself on a device-side flag (``found_inf``). It runs on the CPU too (``fused=true``: about 3x
+    faster a step there, docs/gpu_paths.md), but its arithmetic matches the loop form the reference codes use
+    only to float rounding (1 ulp), so the CPU keeps the loop form unless asked, and its seeded results with it.
     """
     name = optim.get("name", "adamw")
     if name == "adamw":
-        on_gpu = any(p.is_cuda for group in groups for p in group["params"])
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim["betas"]), fused=on_gpu or None)
+        fused = optim.get("fused")
+        if fused is None:
+            fused = any(p.is_cuda for group in groups for p in group["params"])
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim["betas"]), fused=fused or None)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=optim.get("momentum", 0.9))
     raise ValueError(f"optim.name={name!r} is not one of {OPTIMIZERS}")

@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torchvision.utils import make_grid, save_image
 
 from src.config import RunStopped
@@ -46,10 +48,11 @@ class SameConfigOnEveryRank(L.Callback):
 class NonFiniteGuard(L.Callback):
     """Skips an optimizer step whose gradients hold a NaN or inf, counts it, and stops a run that keeps diverging.
 
-    The decision stays on the device: fused AdamW and LARS read ``optimizer.found_inf`` inside their step, as
-    under a GradScaler, so no step waits for the host. Gradients are checked after DDP has averaged them, so
-    every rank skips the same steps. The run of skips is read on the host only where that costs nothing:
-    every step on the CPU, at the logging cadence (when Lightning syncs anyway) on an accelerator.
+    The decision stays on the device: fused AdamW (on a GPU and on the CPU alike) and LARS read
+    ``optimizer.found_inf`` inside their step, as under a GradScaler, so no step waits for the host. Gradients
+    are checked after DDP has averaged them, so every rank skips the same steps. The run of skips is read on the
+    host only where that costs nothing: every step on the CPU, at the logging cadence (when Lightning syncs
+    anyway) on an accelerator.
     """
 
     def __init__(self, max_in_a_row: int) -> None:
@@ -61,12 +64,15 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
-        bad = (~torch.isfinite(torch.nn.utils.get_total_norm(grads))).long()
+        norm = torch.nn.utils.get_total_norm(grads)
+        if isinstance(norm, DTensor):  # trainer=fsdp: the norm over every rank's shards, the same on each rank
+            norm = norm.full_tensor()
+        bad = (~torch.isfinite(norm)).long()
         self.total = self.total.to(bad.device) + bad
         self.in_a_row = (self.in_a_row.to(bad.device) + 1) * bad
         if skips_on_found_inf(optimizer):
             optimizer.found_inf = bad.float()
-        elif bad:  # CPU tensors (GPU optimizers are fused): reading the flag costs no device sync
+        elif bad:  # an optimizer that cannot read the flag (AdamW on MPS or XPU): decided on the host
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None  # a parameter without a gradient is left alone, moments and decay included
@@ -89,6 +95,11 @@ class NonFiniteGuard(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.total, self.in_a_row = state_dict["total"], state_dict["in_a_row"]
+
+
+def sharded(pl_module: L.LightningModule) -> bool:
+    """``trainer=fsdp``: every rank holds a shard of the model, so every rank takes part in each pass through it."""
+    return isinstance(pl_module, FSDPModule)
 
 
 class KNNMonitor(L.Callback):
@@ -133,11 +144,11 @@ class KNNMonitor(L.Callback):
         loaders = trainer.datamodule.knn_dataloaders()
         return knn_accuracy(features, loaders, trainer.datamodule.num_classes, self.k, self.temperature, device)
 
-    @rank_zero_only
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.datamodule.knn_dataloaders() is None:
+        """On rank zero; under FSDP2 on every rank alike (each reads the whole sets), rank zero reporting."""
+        if not (trainer.is_global_zero or sharded(pl_module)) or trainer.datamodule.knn_dataloaders() is None:
             return
-        top1, top5 = self._score(trainer, pl_module.encoder, pl_module.device)
+        top1, top5 = self._score(trainer, pl_module, pl_module.device)  # its forward_pooled: the encoder's
         self.last = {"knn/top1": top1, "knn/top5": top5}
         if trainer.global_step == 0:
             with torch.random.fork_rng(devices=[]):  # its loaders' seeds leave the run's random stream as it was
@@ -194,15 +205,15 @@ class PictureLogger(L.Callback):
         if rank_zero_only.rank == 0 and len(steps) > 1:
             self.first_and_last = side_by_side(steps[0], steps[-1], self.out_dir / "first_and_last.png")
 
-    @rank_zero_only
     def draw(self, trainer: L.Trainer, pl_module) -> None:
-        if self._batch is None:
+        """On rank zero; under FSDP2 every rank draws (``make_picture`` gathers the shards), rank zero saves."""
+        if self._batch is None or not (trainer.is_global_zero or sharded(pl_module)):
             return
         was_training = pl_module.training
         pl_module.eval()
         picture = pl_module.make_picture(self._batch)
         pl_module.train(was_training)
-        if picture is None:
+        if picture is None or not trainer.is_global_zero:
             return
         picture = (picture.float().cpu() * self.std + self.mean).clamp(0, 1)
         views = picture.shape[0] // self._batch["image"].shape[0]

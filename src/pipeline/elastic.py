@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from src.config import ConfigError
 from src.data.distributed import global_batch
+from src.shards import checkpoint_meta
 
 LAYOUT_KEY = "data_layout"
 PROGRESS_KEY = "epoch_loop.batch_progress"
@@ -37,9 +37,8 @@ def data_layout(batch_size: int, world_size: int, accumulate: int) -> dict[str, 
 
 
 def recorded_layout(checkpoint: Path) -> dict[str, int] | None:
-    """The layout a checkpoint was written with (memory-mapped read: the weights are not loaded)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
-    return state.get(LAYOUT_KEY)
+    """The layout a checkpoint was written with (the weights are not loaded)."""
+    return checkpoint_meta(checkpoint).get(LAYOUT_KEY)
 
 
 def keep_global_batch(trainer: L.Trainer, checkpoint: Path, batch_size: int) -> str | None:

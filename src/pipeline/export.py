@@ -17,6 +17,7 @@ from src.encoders.loading import InitCheckpoint, load_strict
 from src.files import PickleRefused, first_line, read_weights, tensors_only
 from src.methods import method_class
 from src.pipeline.run_folder import CONFIG_FILE, load_recorded, resume_checkpoint
+from src.shards import is_sharded, read_sharded
 
 PICKLE_KEY = "allow_pickle"
 
@@ -67,6 +68,8 @@ def checkpoint_state(run_dir: Path, checkpoint: Path | None) -> tuple[Path, dict
         checkpoint = resume_checkpoint(run_dir, "auto")  # an unreadable newer one is passed over with a warning
         if checkpoint is None:
             raise ConfigError(f"{run_dir} holds no checkpoint (checkpoints/last.ckpt): has this run trained yet?")
+    if is_sharded(checkpoint):  # trainer=fsdp: the shards gathered here, in one process
+        return checkpoint, read_sharded(checkpoint)
     try:
         raw = read_weights(checkpoint, "checkpoint")
     except PickleRefused:

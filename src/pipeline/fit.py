@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
@@ -45,19 +44,13 @@ from src.pipeline.strategy import (
     check_trainer,
     cluster_plugins,
     maybe_compile,
+    resolved_precision,
     stopped_ranks_end_the_run,
 )
 from src.pipeline.summary import RunResult
+from src.shards import is_sharded
 
 log = logging.getLogger(__name__)
-
-
-def resolve_precision(trainer_cfg: DictConfig) -> str:
-    """`auto`: bf16 mixed precision on a GPU that has it, full fp32 on the CPU."""
-    if trainer_cfg.precision != "auto":
-        return str(trainer_cfg.precision)
-    on_gpu = trainer_cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
 
 
 def build_trainer(
@@ -73,7 +66,7 @@ def build_trainer(
     trainer_kwargs.pop("fsdp", None)
     trainer_kwargs.pop("timeout_s", None)
     maybe_compile(module, bool(trainer_kwargs.pop("compile", False)))
-    trainer_kwargs["precision"] = resolve_precision(cfg.trainer)
+    trainer_kwargs["precision"] = resolved_precision(cfg.trainer)
     trainer_kwargs["strategy"] = build_strategy(cfg, module)
     return L.Trainer(
         **trainer_kwargs,
@@ -151,6 +144,12 @@ def fit(settled: SettledRun, run_dir: Path) -> RunResult:
     cfg, method = settled.cfg, settled.method
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resume_checkpoint(run_dir, cfg.resume) if method.fits else None
+    if ckpt_path is not None and is_sharded(ckpt_path) and cfg.trainer.strategy != "fsdp":
+        raise ConfigError(
+            f"{ckpt_path} is a folder of shards written under trainer=fsdp, and trainer.strategy="
+            f"{cfg.trainer.strategy} reads one file: resume with trainer=fsdp (any number of processes; "
+            "trainer=cpu_fsdp on the CPU), or start a new run_name from its export (python -m src.export)"
+        )
     if rank_zero_only.rank == 0:
         (run_dir / FINISHED_FILE).unlink(missing_ok=True)  # a longer run: its old results are no longer whole
         record_run(run_dir, cfg)
@@ -220,18 +219,11 @@ class RunCallbacks:
             )
             watch.callbacks.append(NonFiniteGuard(cfg.max_nonfinite_steps))
             mean, std = method.pixel_stats(cfg)
-            if not sharded(cfg):
-                watch.pictures = PictureLogger(
-                    run_dir / "pictures", cfg.pictures.every_n_steps, cfg.pictures.num_images, mean, std
-                )
-                watch.callbacks.append(watch.pictures)
-        if sharded(cfg) and (cfg.get("knn") is not None or method.fits):
-            log.warning(
-                "trainer=fsdp: the kNN monitor and the pictures are off (rank zero alone cannot run a sharded model); "
-                "the exports are written from the final checkpoint; evaluate it with "
-                "`python -m src.finetune objective=knn`"
+            watch.pictures = PictureLogger(
+                run_dir / "pictures", cfg.pictures.every_n_steps, cfg.pictures.num_images, mean, std
             )
-        elif cfg.get("knn") is not None:  # off for models outside the encoder contract (a supervised convnet teacher)
+            watch.callbacks.append(watch.pictures)
+        if cfg.get("knn") is not None:  # off for models outside the encoder contract (a supervised convnet teacher)
             watch.knn = KNNMonitor(cfg.knn.every_n_epochs, cfg.knn.k, cfg.knn.temperature)
             watch.callbacks.append(watch.knn)
         return watch

@@ -33,12 +33,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import ConfigError
 from src.files import PARTIAL_SUFFIX, first_line, write_atomically
+from src.shards import checkpoint_meta
 
 log = logging.getLogger(__name__)
 
@@ -323,8 +323,8 @@ def remove_dead_partial_writes(folder: Path) -> list[Path]:
 
 
 def checkpoint_step(path: Path) -> int:
-    """The global step a checkpoint was saved at (memory-mapped, weights-only: nothing else is loaded)."""
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    """The global step a checkpoint was saved at (weights-only, without its weights: ``checkpoint_meta``)."""
+    state = checkpoint_meta(path)
     if not isinstance(state, dict):
         raise TypeError(f"it holds a {type(state).__name__}, not a training checkpoint")
     return int(state["global_step"])
@@ -343,7 +343,7 @@ def resume_checkpoint(run_dir: Path, resume: str | bool) -> Path | None:
         log.warning("removed %s, left half-written by a killed save", stale)
     hpc = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if HPC_NAME.fullmatch(p.name)]
     hpc.sort(key=lambda p: int(HPC_NAME.fullmatch(p.name)[1]), reverse=True)
-    present = [p for p in (folder / LAST, folder / PREVIOUS, *hpc) if p.is_file()]
+    present = [p for p in (folder / LAST, folder / PREVIOUS, *hpc) if p.exists()]  # a file, or a folder of shards
     if resume is False and present:
         raise ConfigError(
             f"run_dir={run_dir} already holds {present[0]}: pass resume=auto to continue or a new run_name"

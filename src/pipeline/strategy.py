@@ -1,4 +1,4 @@
-"""How a run is laid out beyond one process: the Trainer's strategy (FSDP over transformer blocks), SLURM's
+"""How a run is laid out beyond one process: the Trainer's strategy (FSDP2 over transformer blocks), SLURM's
 requeue signal, torch.compile of the blocks, and what this machine can run at all.
 
 Every method keeps its encoder at ``module.encoder``, so the transformer blocks are found the same way for ViT,
@@ -23,23 +23,43 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from lightning.pytorch.accelerators import AcceleratorRegistry
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.strategies import ModelParallelStrategy, SingleDeviceStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
+from torch.distributed._composable import checkpoint as activation_checkpoint
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from src.config import ConfigError, RunStopped
+from src.files import PARTIAL_SUFFIX
+from src.pipeline.run_folder import LAST, PREVIOUS
+from src.shards import ShardReader, checkpoint_meta, is_sharded, remove, replace_folder
 
 log = logging.getLogger(__name__)
 
 CONTAINERS = (nn.Sequential, nn.ModuleList)
 # Strategies whose name holds the key run on that accelerator only.
-STRATEGY_ACCELERATORS = {"fsdp": "cuda", "xla": "tpu", "tpu": "tpu"}
+STRATEGY_ACCELERATORS = {"xla": "tpu", "tpu": "tpu"}
+FSDP_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-true")  # what ModelParallelStrategy takes
+# What the methods call to run their model (FullyShardedStrategy gathers the parameters outside the blocks first).
+FORWARD_METHODS = ("training_step", "validation_step", "test_step", "make_picture", "forward_pooled")
 ON_THE_CPU = "use trainer=default for this machine's CPU, or trainer=cpu_ddp for several CPU processes"
 # What gloo, NCCL and the rendezvous store say when a peer did not answer within the process group's timeout.
 TIMED_OUT = re.compile(
@@ -86,6 +106,14 @@ def processes(trainer: DictConfig, accelerator: str) -> int:
     return per_node * trainer.num_nodes
 
 
+def resolved_precision(trainer: DictConfig) -> str:
+    """`auto`: bf16 mixed precision on a GPU that has it, full fp32 on the CPU."""
+    if trainer.precision != "auto":
+        return str(trainer.precision)
+    on_gpu = trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+
+
 def check_trainer(cfg: DictConfig) -> None:
     """Refuse, before any work, a trainer this machine cannot run: each error names the key and the way out."""
     trainer = cfg.trainer
@@ -93,6 +121,11 @@ def check_trainer(cfg: DictConfig) -> None:
     check_devices(trainer, accelerator)
     check_strategy(trainer, accelerator)
     check_precision(str(trainer.precision), accelerator)
+    if trainer.strategy == "fsdp" and resolved_precision(trainer) not in FSDP_PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision={trainer.precision} with trainer.strategy=fsdp: FSDP2 (Lightning's "
+            f"ModelParallelStrategy) runs {', '.join(FSDP_PRECISIONS)}"
+        )
     if trainer.get("compile", False):
         check_compile(accelerator)
 
@@ -210,17 +243,83 @@ def with_timeout(name: str, trainer: DictConfig) -> Strategy | None:
     return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=float(trainer.timeout_s)))
 
 
-def fsdp_strategy(cfg: DictConfig, module: nn.Module) -> FSDPStrategy:
-    """An FSDPStrategy with one unit (and one activation checkpoint) per transformer block of the module."""
-    options = OmegaConf.select(cfg, "trainer.fsdp", default=None) or {}
-    sharding = options.get("sharding_strategy", "FULL_SHARD")
-    classes = block_classes(module)
-    log.info("FSDP %s: one unit per %s", sharding, ", ".join(sorted(c.__name__ for c in classes)))
-    return FSDPStrategy(
-        auto_wrap_policy=classes,
-        activation_checkpointing_policy=classes if options.get("activation_checkpointing", True) else None,
-        sharding_strategy=sharding,
-        timeout=timedelta(seconds=float(cfg.trainer.timeout_s)),
+class FullyShardedStrategy(ModelParallelStrategy):
+    """FSDP2 (``fully_shard``) over every process: one unit per transformer block, then the module for the rest.
+
+    Lightning's ``ModelParallelStrategy`` runs the processes and the sharded checkpoints (``torch.distributed.
+    checkpoint``: each rank writes its own shard, a resume at another world size re-shards); the module calls
+    ``shard`` from its ``configure_model``. The methods reach their model through methods, not ``forward``
+    (``training_step``, ``make_picture``, ``forward_visible``...): those are registered as forward methods of the
+    root unit, so that FSDP gathers the parameters outside the blocks before them. ``hybrid``: shard within a
+    node and replicate across nodes, on a 2-D device mesh (nodes x processes per node).
+    """
+
+    def __init__(self, fsdp: DictConfig, bf16: bool, world: int, timeout: timedelta) -> None:
+        super().__init__(data_parallel_size=world, tensor_parallel_size=1, timeout=timeout)
+        self.fsdp, self.bf16 = fsdp, bf16
+
+    def shard(self, module: nn.Module) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        if self.fsdp.hybrid:
+            shape = (self.num_nodes, self.num_processes)
+            mesh = init_device_mesh(self.root_device.type, shape, mesh_dim_names=("replicate", "shard"))
+        # bf16 parameters in forward and backward, fp32 gradient reductions and fp32 master weights
+        dtypes = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if self.bf16 else {}
+        policy = MixedPrecisionPolicy(**dtypes)
+        blocks = [b for b in transformer_blocks(module) if not isinstance(b, CONTAINERS)]
+        kinds = ", ".join(sorted({type(b).__name__ for b in blocks}))  # before fully_shard renames their classes
+        for block in blocks:
+            if self.fsdp.activation_checkpointing:
+                activation_checkpoint(block)  # composable: the parameter names stay as they are
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.fsdp.reshard_after_forward)
+        fully_shard(module, mesh=mesh, mp_policy=policy)
+        for name in FORWARD_METHODS:
+            if callable(getattr(module, name, None)):
+                register_fsdp_forward_method(module, name)
+        layout = f"{self.num_nodes} nodes x {self.num_processes} processes, hybrid" if self.fsdp.hybrid else "sharded"
+        rank_zero_info(
+            f"FSDP2 over {self.world_size} processes ({layout}): one unit per {kinds} ({len(blocks)}), then the module"
+        )
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Every rank writes its shard into a partial folder; rank zero then puts the finished folder in place
+        (``last.ckpt`` keeps the one before as ``last-previous.ckpt``), so a kill never leaves half a checkpoint."""
+        path = Path(self.broadcast(str(filepath)))
+        partial = path.with_name(f".{path.name}.shards{PARTIAL_SUFFIX}")
+        if self.global_rank == 0:
+            remove(partial)  # left by a killed save
+        self.barrier("partial folder cleared")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("every shard written")
+        if self.global_rank == 0:
+            replace_folder(partial, path, keep_previous=path.with_name(PREVIOUS) if path.name == LAST else None)
+        self.barrier("checkpoint in place")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """The model's and optimizer's shards, re-sharded to this world size, through ``ShardReader`` (DCP's own
+        reader unpickles the index); what is left of the checkpoint (step, loops, callbacks) is returned."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not is_sharded(path):  # a one-file checkpoint (another strategy's): Lightning spreads it over the ranks
+            return super().load_checkpoint(path, weights_only)
+        model = {"state_dict": get_model_state_dict(self.model)}
+        dcp.load(model, storage_reader=ShardReader(path))
+        set_model_state_dict(self.model, model["state_dict"], options=StateDictOptions(strict=True))
+        for i, optimizer in enumerate(self.optimizers):
+            state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(state, storage_reader=ShardReader(path))
+            set_optimizer_state_dict(self.model, optimizer, state[f"optimizer_{i}"])
+        return checkpoint_meta(path)
+
+
+def fsdp_strategy(cfg: DictConfig, module: nn.Module) -> FullyShardedStrategy:
+    """FSDP2 over the module's transformer blocks (refused before any work when it has none)."""
+    block_classes(module)
+    trainer = cfg.trainer
+    return FullyShardedStrategy(
+        trainer.fsdp,
+        bf16=resolved_precision(trainer).startswith("bf16"),
+        world=processes(trainer, resolved_accelerator(trainer)),
+        timeout=timedelta(seconds=float(trainer.timeout_s)),
     )
 
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from src.files import write_atomically
@@ -62,6 +63,12 @@ def _relative(path: str | Path | None, run_dir: Path) -> str | None:
         return None
     path = Path(path).resolve()
     return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
+
+
+@rank_zero_only
+def report(text: str) -> None:
+    """What a front door prints at the end, once: every rank ran the same run, and rank zero says so."""
+    print(text)
 
 
 def summary(result: RunResult) -> str:
