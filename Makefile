@@ -53,3 +53,4 @@ bench-gpu: $(STAMP)
 	$(BIN)/python -m src.benchmark $(GPU_STEPS) --sections objectives --batch-size 256 --repeats 1
 	$(BIN)/python -m src.benchmark $(GPU_STEPS) --sections peers --batch-size 256 --repeats 2
 	$(BIN)/python -m src.benchmark $(GPU_STEPS) --sections pale_vs_swin --batch-size 64,128 --repeats 2
+	$(BIN)/python -m src.benchmark $(GPU_STEPS) --sections layouts --batch-size 256 --repeats 2

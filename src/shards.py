@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,9 @@ def read_sharded(path: Path, section: str = "state_dict") -> dict[str, torch.Ten
         for key, entry in index.state_dict_metadata.items()
         if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
     }
-    dcp.load(state, storage_reader=ShardReader(path), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: here that is the intent
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, storage_reader=ShardReader(path), no_dist=True)
     return {key.removeprefix(prefix): tensor for key, tensor in state.items()}
 
 

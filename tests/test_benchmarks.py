@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 import src.benchmarks.core as benchmark
 import src.benchmarks.data as bench_data
 import src.benchmarks.detection as bench_detection
+import src.benchmarks.layouts as bench_layouts
 import src.benchmarks.objectives as bench_objectives
 import src.benchmarks.pale as bench_pale
 import src.benchmarks.pale_profile as pale_profile
@@ -31,7 +32,7 @@ def test_benchmark_sections_run(capsys: pytest.CaptureFixture[str], monkeypatch:
     """Every section is registered; ps_attention renders its table (measured in-process here)."""
     benchmark.discover_sections()
     sections = {"pale_vs_swin", "ps_attention", "pale_profile", "mae_token_drop", "data_views", "detection_ratios"}
-    sections.update(["objectives", "peers"])  # src/benchmarks/objectives.py
+    sections.update(["objectives", "peers", "layouts"])  # src/benchmarks/objectives.py, layouts.py
     assert sections <= set(benchmark.SECTIONS)
 
     monkeypatch.setattr(benchmark, "measure", measure_in_this_process)
@@ -169,3 +170,20 @@ def test_benchmark_measure_in_fresh_process() -> None:
     result = benchmark.measure(partial(benchmark.counted, step), args)
     assert result.seconds > 0 and result.cpu_seconds > 0 and result.peak_bytes >= 0 and result.flops > 0
     assert benchmark.measure_in_process(step, "cpu", 1, 0, None).flops == 0
+
+
+@pytest.mark.slow
+def test_layouts_section_runs_eager_and_fsdp2_in_fresh_processes(
+    capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """FSDP2's units in a process group of one, measured in fresh processes as the GPU table measures them
+    (compiled blocks in a real run: tests/test_cpu_paths.py)."""
+    monkeypatch.setattr(
+        bench_layouts, "ENCODER", OmegaConf.create({"arch": "mim_vit_tiny_patch16", "kwargs": {"depth": 2}})
+    )
+    argv = ["--img-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "1"]
+    argv += ["--repeats", "1", "--threads", "1"]
+    benchmark.main(["--sections", "layouts", "--layouts", "eager,fsdp2", *argv])
+    rows = table_rows(capsys.readouterr().out, 2)
+    assert [r[1] for r in rows] == ["eager", "fsdp2"] and all(float(r[2]) > 0 for r in rows)  # images/s
+    assert rows[0][4] == "1.00" and float(rows[1][4]) > 0  # speed against eager, paired

@@ -76,7 +76,9 @@ def one_process(door: str, args: list[str]) -> None:
         run(compose_config([*args, "trainer.devices=1"], config_name=door.removeprefix("src.")))
 
 
-def two_nodes(door: str, args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+def two_nodes(
+    door: str, args: list[str], strategy: str = "ddp", timeout: int = 300
+) -> list[subprocess.CompletedProcess]:
     """torchrun --nnodes=2 --nproc-per-node=1 twice, node ranks 0 and 1, rendezvous on loopback; both finish."""
     port = free_port()
     procs = []
@@ -95,7 +97,7 @@ def two_nodes(door: str, args: list[str], timeout: int = 300) -> list[subprocess
             *args,
             "trainer.devices=1",
             "trainer.num_nodes=2",
-            "trainer.strategy=ddp",
+            f"trainer.strategy={strategy}",
         ]
         procs.append(
             subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -124,15 +124,16 @@ def test_a_linear_probe_agrees_in_one_process_under_ddp_and_under_fsdp2(pretrain
 
 
 def test_a_sharded_checkpoint_resumes_on_one_process_and_on_two(pretraining: Layouts, tmp_path) -> None:
-    """2 FSDP2 processes for steps 0-1, 1 process (accumulation 2) for step 2, 2 again for step 3: the weights of
-    the uninterrupted one-process run, and every checkpoint a folder of shards with the one before it kept."""
+    """2 FSDP2 processes for steps 0-1, 1 process (accumulation 2) for step 2, then 2 nodes of 1 process each for
+    step 3, hybrid (a 2-D mesh: replicated across the nodes): the weights of the uninterrupted one-process run, and
+    every checkpoint a folder of shards with the one before it kept."""
     args = [*base_args(tmp_path, GLOBAL_BATCH // 2), "trainer=cpu_fsdp", "run_name=resumed"]
     more = [*args, "resume_changes=[trainer.max_steps]"]
     last = tmp_path / "resumed" / "checkpoints" / LAST
     said(both_ranks("src.pretrain", [*args, "trainer.max_steps=2"], OMP_NUM_THREADS="1"))
     shrunk = said([command("src.pretrain", [*more, "trainer.devices=1", "trainer.max_steps=3"], OMP_NUM_THREADS="1")])
-    grown = said(both_ranks("src.pretrain", more, OMP_NUM_THREADS="1"))
-    assert "FSDP2 over 2 processes (sharded): one unit per Block (3), then the module" in grown
+    grown = two_nodes("src.pretrain", [*more, "trainer.fsdp.hybrid=true"], strategy="fsdp")[0].stdout
+    assert "FSDP2 over 2 processes (2 nodes x 1 processes, hybrid): one unit per Block (3), then the module" in grown
     for told, change in ((shrunk, "2 -> 1"), (grown, "1 -> 2")):
         assert f"elastic resume: {change} processes" in told and "the global batch stays 16" in told, told[-3000:]
     assert checkpoint_meta(last)["global_step"] == 4 and is_sharded(last.with_name(PREVIOUS))

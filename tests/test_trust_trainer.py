@@ -155,11 +155,14 @@ def test_more_gpus_than_the_machine_has_are_refused() -> None:
     )
 
 
-def test_compile_without_a_cpp_compiler_is_refused_before_any_work(monkeypatch) -> None:
+def test_compile_without_a_cpp_compiler_is_refused_before_any_work() -> None:
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/g++"))
-    assert refusal(pretrain("trainer.compile=true")).startswith("trainer.compile=true on the CPU needs a C++ compiler")
+    # inductor's own patch: monkeypatch's undo would hide the key from every later compile in this process
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+        refused = refusal(pretrain("trainer.compile=true"))
+    assert refused.startswith("trainer.compile=true on the CPU needs a C++ compiler")
+    assert torch._inductor.config.cpp.cxx != (None, "/nonexistent/g++")  # put back as it was
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None, reason="deepspeed is installed")

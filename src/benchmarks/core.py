@@ -311,6 +311,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data-workers", type=int, default=2, help="DataLoader workers of data_pipeline's loader rows (default 2)"
     )
     parser.add_argument(
+        "--layouts",
+        default="eager,compiled,fsdp2",
+        help="layouts section: which, the first being the reference of the ratios (default eager,compiled,fsdp2)",
+    )
+    parser.add_argument(
         "--peak-tflops",
         type=float,
         default=None,

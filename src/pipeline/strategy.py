@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from src.config import ConfigError, RunStopped
@@ -243,13 +243,31 @@ def with_timeout(name: str, trainer: DictConfig) -> Strategy | None:
     return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=float(trainer.timeout_s)))
 
 
+def shard_blocks(module: nn.Module, mesh: DeviceMesh, fsdp: DictConfig, bf16: bool) -> str:
+    """FSDP2 on ``module`` over ``mesh``: one unit (and one activation checkpoint) per transformer block, then the
+    module; the methods that run the model are registered as its forward methods. Says what it made."""
+    # bf16 parameters in forward and backward, fp32 gradient reductions and fp32 master weights
+    policy = MixedPrecisionPolicy(**({"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if bf16 else {}))
+    blocks = [b for b in transformer_blocks(module) if not isinstance(b, CONTAINERS)]
+    kinds = ", ".join(sorted({type(b).__name__ for b in blocks}))  # before fully_shard renames their classes
+    for block in blocks:
+        if fsdp.activation_checkpointing:
+            activation_checkpoint(block)  # composable: the parameter names stay as they are
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=fsdp.reshard_after_forward)
+    fully_shard(module, mesh=mesh, mp_policy=policy)
+    for name in FORWARD_METHODS:
+        if callable(getattr(module, name, None)):
+            register_fsdp_forward_method(module, name)
+    return f"one unit per {kinds} ({len(blocks)}), then the module"
+
+
 class FullyShardedStrategy(ModelParallelStrategy):
     """FSDP2 (``fully_shard``) over every process: one unit per transformer block, then the module for the rest.
 
     Lightning's ``ModelParallelStrategy`` runs the processes and the sharded checkpoints (``torch.distributed.
     checkpoint``: each rank writes its own shard, a resume at another world size re-shards); the module calls
     ``shard`` from its ``configure_model``. The methods reach their model through methods, not ``forward``
-    (``training_step``, ``make_picture``, ``forward_visible``...): those are registered as forward methods of the
+    (``training_step``, ``make_picture``, ``forward_pooled``...): those are registered as forward methods of the
     root unit, so that FSDP gathers the parameters outside the blocks before them. ``hybrid``: shard within a
     node and replicate across nodes, on a 2-D device mesh (nodes x processes per node).
     """
@@ -263,23 +281,9 @@ class FullyShardedStrategy(ModelParallelStrategy):
         if self.fsdp.hybrid:
             shape = (self.num_nodes, self.num_processes)
             mesh = init_device_mesh(self.root_device.type, shape, mesh_dim_names=("replicate", "shard"))
-        # bf16 parameters in forward and backward, fp32 gradient reductions and fp32 master weights
-        dtypes = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if self.bf16 else {}
-        policy = MixedPrecisionPolicy(**dtypes)
-        blocks = [b for b in transformer_blocks(module) if not isinstance(b, CONTAINERS)]
-        kinds = ", ".join(sorted({type(b).__name__ for b in blocks}))  # before fully_shard renames their classes
-        for block in blocks:
-            if self.fsdp.activation_checkpointing:
-                activation_checkpoint(block)  # composable: the parameter names stay as they are
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=self.fsdp.reshard_after_forward)
-        fully_shard(module, mesh=mesh, mp_policy=policy)
-        for name in FORWARD_METHODS:
-            if callable(getattr(module, name, None)):
-                register_fsdp_forward_method(module, name)
+        units = shard_blocks(module, mesh, self.fsdp, self.bf16)
         layout = f"{self.num_nodes} nodes x {self.num_processes} processes, hybrid" if self.fsdp.hybrid else "sharded"
-        rank_zero_info(
-            f"FSDP2 over {self.world_size} processes ({layout}): one unit per {kinds} ({len(blocks)}), then the module"
-        )
+        rank_zero_info(f"FSDP2 over {self.world_size} processes ({layout}): {units}")
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         """Every rank writes its shard into a partial folder; rank zero then puts the finished folder in place
