@@ -48,9 +48,10 @@ class SameConfigOnEveryRank(L.Callback):
 class NonFiniteGuard(L.Callback):
     """Skips an optimizer step whose gradients hold a NaN or inf, counts it, and stops a run that keeps diverging.
 
-    The decision stays on the device: fused AdamW (on a GPU and on the CPU alike) and LARS read
-    ``optimizer.found_inf`` inside their step, as under a GradScaler, so no step waits for the host. Gradients
-    are checked after DDP has averaged them, so every rank skips the same steps. The run of skips is read on the
+    The decision stays on the device: fused AdamW (on a GPU, or on the CPU with ``objective.optim.fused=true``)
+    and LARS read ``optimizer.found_inf`` inside their step, as under a GradScaler, so no step waits for the host.
+    Gradients are checked after DDP has averaged them (FSDP2: the norm over every shard), so every rank skips the
+    same steps. The run of skips is read on the
     host only where that costs nothing: every step on the CPU, at the logging cadence (when Lightning syncs
     anyway) on an accelerator.
     """
@@ -72,7 +73,7 @@ class NonFiniteGuard(L.Callback):
         self.in_a_row = (self.in_a_row.to(bad.device) + 1) * bad
         if skips_on_found_inf(optimizer):
             optimizer.found_inf = bad.float()
-        elif bad:  # an optimizer that cannot read the flag (AdamW on MPS or XPU): decided on the host
+        elif bad:  # AdamW's loop form (the CPU's default; MPS, XPU): decided on the host, no device sync on a CPU
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None  # a parameter without a gradient is left alone, moments and decay included

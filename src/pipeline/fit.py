@@ -183,7 +183,8 @@ def fit(settled: SettledRun, run_dir: Path) -> RunResult:
 
 
 def sharded(cfg: DictConfig) -> bool:
-    """Parameters live in shards: nothing may run the model on rank zero alone (pictures, kNN, export)."""
+    """Parameters live in shards: rank zero alone cannot run the model after training, so the exports come from
+    the final checkpoint (its shards gathered) and the method's last measures are skipped."""
     return cfg.trainer.strategy == "fsdp"
 
 
