@@ -10,6 +10,7 @@ two processes is resumed by one and then by two again, and ends at the uninterru
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from test_distributed import (
 from src.config import ConfigError
 from src.encoders.loading import InitCheckpoint
 from src.pipeline.fit import run
-from src.pipeline.run_folder import LAST, PREVIOUS
+from src.pipeline.run_folder import LAST, PREVIOUS, resume_checkpoint
 from src.shards import checkpoint_meta, is_sharded
 
 pytestmark = pytest.mark.slow
@@ -111,6 +112,8 @@ def test_mae_agrees_in_one_process_under_ddp_and_under_fsdp2(pretraining: Layout
         assert "lr 0.00015 (base 0.00015 x 16/16)" in printed  # scaled with the true global batch
     knn = [json.loads((run / "metrics.json").read_text())["knn/top1"] for run in pretraining.runs.values()]
     assert len(set(knn)) == 1, knn  # the kNN monitor: under FSDP2 every rank runs it, rank zero reports
+    pictures = pretraining.runs["fsdp"] / "pictures"  # drawn by every rank, saved by rank zero
+    assert (pictures / "step0000000.png").is_file() and (pictures / "first_and_last.png").is_file()
 
 
 def test_a_linear_probe_agrees_in_one_process_under_ddp_and_under_fsdp2(pretraining: Layouts, tmp_path) -> None:
@@ -156,3 +159,20 @@ def test_fine_tuning_starts_from_a_sharded_checkpoint_and_refuses_a_damaged_one(
     (damaged / ".metadata").write_bytes(b"cos\nsystem\n(S'echo owned'\ntR.")  # a pickle that would run a command
     with pytest.raises(ConfigError, match=r"folder of shards that cannot be read \(UnpicklingError: os.system has no"):
         InitCheckpoint.read(compose_config([f"init.checkpoint={damaged}"], config_name="finetune").init)
+
+
+def test_an_unreadable_newest_folder_of_shards_falls_back_to_the_one_before(pretraining: Layouts, tmp_path) -> None:
+    run_dir = tmp_path / "fsdp"
+    shutil.copytree(pretraining.runs["fsdp"], run_dir)
+    (run_dir / "checkpoints" / LAST / "meta.pt").write_bytes(b"half a file")  # a disk that lost the end of it
+    assert resume_checkpoint(run_dir, "auto") == run_dir / "checkpoints" / PREVIOUS
+
+
+def test_bf16_fsdp2_trains_on_bf16_parameters_over_fp32_master_weights(tmp_path) -> None:
+    """trainer=fsdp's default precision, on the CPU: the loss falls, the shards hold fp32 weights."""
+    args = [*base_args(tmp_path, GLOBAL_BATCH // 2), "trainer=cpu_fsdp", "trainer.precision=bf16-mixed"]
+    said(both_ranks("src.pretrain", [*args, "objective.optim.base_lr=1e-2", "run_name=bf16"], OMP_NUM_THREADS="1"))
+    losses = logged(tmp_path / "bf16", "train/loss")
+    assert sorted(losses) == [0, 1, 2, 3] and losses[3] < losses[0], losses
+    shards = weights(tmp_path / "bf16")
+    assert {t.dtype for t in shards.values() if t.is_floating_point()} == {torch.float32}
