@@ -135,14 +135,18 @@ def in_process(module: str, args: list[str], capsys: pytest.CaptureFixture, monk
     return Said(returncode, out, err + message)
 
 
+def free_port() -> int:
+    """A port nothing listens on, for a rendezvous on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def both_ranks(module: str, args: list[str], timeout: int = 300, **env: str) -> list[subprocess.CompletedProcess]:
     """The two processes of a two-process command (``trainer=cpu_ddp``, ``trainer=fsdp``) started at once, as
     torchrun starts them (LOCAL_RANK set: Lightning launches none itself), so that their start-ups share the two
     cores instead of taking turns (``env``: more variables)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    rank = partial(command, module, args, timeout, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **env)
+    rank = partial(command, module, args, timeout, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), **env)
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(lambda r: rank(LOCAL_RANK=str(r)), range(2)))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, TINY, command, compose_config
+from conftest import REPO, TINY, command, compose_config, free_port
 
 from src.config import ConfigError
 from src.data.distributed import GlobalBatchSampler, RankStrideSampler, evaluation_split
@@ -39,12 +38,6 @@ FLAT_LR = [
 MAE_SMALL = ["objective.decoder_dim=64", "objective.decoder_depth=1", "objective.decoder_heads=4"]
 QUIET = ["knn.every_n_epochs=100", "pictures.every_n_steps=1000", "export=false", "trainer.log_every_n_steps=1"]
 GLOBAL_BATCH = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict[str, str]:

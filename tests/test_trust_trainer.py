@@ -7,7 +7,6 @@ import copy
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TINY, compose_config, composition_refusal
+from conftest import REPO, TINY, compose_config, composition_refusal, free_port
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.strategies import DDPStrategy
@@ -255,12 +254,6 @@ def test_every_strategy_between_processes_waits_trainer_timeout_s_at_most() -> N
         strategy = build_strategy(cfg, module=None)  # no module: only FSDP looks at its blocks
         assert isinstance(strategy, DDPStrategy) and strategy._timeout == timedelta(seconds=12.5), overrides
     assert build_strategy(pretrain(), module=None) == "auto"  # one process: no process group to wait in
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_ranks(args: list[str], logs: Path) -> list[subprocess.Popen]:

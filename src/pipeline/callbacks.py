@@ -98,7 +98,7 @@ class NonFiniteGuard(L.Callback):
         self.total, self.in_a_row = state_dict["total"], state_dict["in_a_row"]
 
 
-def sharded(pl_module: L.LightningModule) -> bool:
+def sharded_module(pl_module: L.LightningModule) -> bool:
     """``trainer=fsdp``: every rank holds a shard of the model, so every rank takes part in each pass through it."""
     return isinstance(pl_module, FSDPModule)
 
@@ -147,7 +147,7 @@ class KNNMonitor(L.Callback):
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """On rank zero; under FSDP2 on every rank alike (each reads the whole sets), rank zero reporting."""
-        if not (trainer.is_global_zero or sharded(pl_module)) or trainer.datamodule.knn_dataloaders() is None:
+        if not (trainer.is_global_zero or sharded_module(pl_module)) or trainer.datamodule.knn_dataloaders() is None:
             return
         top1, top5 = self._score(trainer, pl_module, pl_module.device)  # its forward_pooled: the encoder's
         self.last = {"knn/top1": top1, "knn/top5": top5}
@@ -208,7 +208,7 @@ class PictureLogger(L.Callback):
 
     def draw(self, trainer: L.Trainer, pl_module) -> None:
         """On rank zero; under FSDP2 every rank draws (``make_picture`` gathers the shards), rank zero saves."""
-        if self._batch is None or not (trainer.is_global_zero or sharded(pl_module)):
+        if self._batch is None or not (trainer.is_global_zero or sharded_module(pl_module)):
             return
         was_training = pl_module.training
         pl_module.eval()
