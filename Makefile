@@ -11,7 +11,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,teacher,detection-data,slurm]"
+	$(BIN)/pip install -q -e ".[dev,teacher,detection-data,slurm,loggers,export]"
 	$(BIN)/pip install -q --no-deps deepforest==2.1.0 stardist==0.9.2  # only their bundled real images are read
 	touch $(STAMP)
 
