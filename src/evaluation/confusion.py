@@ -8,10 +8,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageDraw
 
+from src.figures import log_picture
 from src.files import save_png
 
 CELL = 28  # pixels per matrix cell, enough for a two-digit percentage in PIL's built-in font
@@ -55,6 +55,4 @@ class ConfusionMatrixPicture(L.Callback):
         picture = confusion_picture(matrix)
         path = save_png(picture, self.out_dir / f"confusion_step{trainer.global_step:07d}.png")
         self.saved.append(path)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image("pictures/confusion", [np.asarray(picture)], step=trainer.global_step)
+        log_picture(trainer, "pictures/confusion", np.asarray(picture))

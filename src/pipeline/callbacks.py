@@ -9,7 +9,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.fsdp import FSDPModule
@@ -18,6 +17,7 @@ from torchvision.utils import make_grid, save_image
 
 from src.config import RunStopped
 from src.evaluation.knn import RawPixels, check_bank, knn_accuracy
+from src.figures import log_picture
 from src.files import atomic_file
 from src.methods.optim import skips_on_found_inf
 from src.pipeline.report import side_by_side
@@ -225,6 +225,4 @@ class PictureLogger(L.Callback):
             save_image(grid, f, format="png")
         if path not in self.saved:
             self.saved.append(path)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image("pictures/objective", [grid], step=trainer.global_step)
+        log_picture(trainer, "pictures/objective", grid.mul(255).round().byte().permute(1, 2, 0).numpy())
