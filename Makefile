@@ -6,16 +6,36 @@ STAMP := $(VENV)/.installed
 WORKERS ?= auto  # make test: one test process per core (pytest-xdist)
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install demo test lint data bench bench-gpu
+# make install: the lock's versions, those the README's figures were measured with (README: Development);
+# make install-latest passes no REQUIREMENTS, so pip takes the newest versions pyproject.toml allows.
+LOCK := requirements.lock
+EXTRAS := dev,teacher,detection-data,slurm,loggers,export
+REQUIREMENTS ?= -r $(LOCK)
+UV := uv==0.13.10
+comma := ,
 
-$(STAMP): pyproject.toml
+.PHONY: install install-latest lock demo test lint data bench bench-gpu
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev,teacher,detection-data,slurm,loggers,export]"
+	$(BIN)/pip install -q $(REQUIREMENTS) -e ".[$(EXTRAS)]"
 	$(BIN)/pip install -q --no-deps deepforest==2.1.0 stardist==0.9.2  # only their bundled real images are read
 	touch $(STAMP)
 
 install: $(STAMP) data
+
+# The newest versions instead of the lock's (`make -B install` goes back to the lock).
+install-latest:
+	$(MAKE) --always-make install REQUIREMENTS="--upgrade --upgrade-strategy eager"
+
+# Rewrite the lock from pyproject.toml for Linux x86_64 and CPython 3.11 with uv (installed for this command alone),
+# keeping each version it pins while pyproject.toml allows it; `make lock UPGRADE=1` takes the newest instead.
+lock:
+	tool=$$(mktemp -d) && $(PY) -m venv $$tool && $$tool/bin/pip install -q "$(UV)" && \
+	$$tool/bin/uv pip compile -q pyproject.toml --extra $(subst $(comma), --extra ,$(EXTRAS)) $(if $(UPGRADE),--upgrade) \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -o $(LOCK); \
+	status=$$?; rm -rf $$tool; exit $$status
 
 # The built-in data: Fashion-MNIST from Debian; without apt, scikit-learn's bundled digits.
 data:

@@ -5,7 +5,7 @@ Hydra's structured-config pattern. A YAML file names its schema first in its def
 (``- schema_pretrain``). Composition then enforces each field's type and refuses a key the schema does not
 have, naming it, before any of our code runs. A field's ``Check`` (a range, a set of names) is what a type
 cannot say; ``src.config.validate`` runs them all. Fields have no defaults: the YAML files hold the values
-(``launcher`` alone is null unless launcher=slurm sets it).
+(``launcher`` and the sections of ``logger`` alone are null unless launcher=slurm or logger=... sets them).
 
 The schemas are registered under root names, not a config group, so ``--help`` offers none of them as a choice.
 They live in this one light module (dataclasses only) so that a front door registers them before Hydra composes,
@@ -14,6 +14,7 @@ without the start-up cost of torch and Lightning.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, get_args
@@ -28,9 +29,20 @@ OPTIMIZERS = ("adamw", "lars")
 POOLS = ("cls", "avg")  # the linear probe's feature: the final-normed cls token, or the mean of the patch tokens
 DISTILLATIONS = ("none", "soft", "hard")
 WANDB_MODES = ("auto", "online", "offline", "disabled")  # auto: online with a key and a server, else offline
-INIT_KINDS = ("auto", "lightning", "export", "official", "random")  # src/encoders/loading.py reads each
+PROGRESS_MODES = ("auto", "bar", "lines")  # src/pipeline/progress.py: auto is a bar in a terminal, else lines
+INIT_KINDS = ("auto", "lightning", "export", "official", "random", "mimdet")  # src/encoders/loading.py reads each
 TOKENIZER_KINDS = ("vq", "dalle")  # src/tokenizers loads each
-EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")  # src/detection/evaluation.py: COCO AP through either
+# src/detection/evaluation.py: COCO AP through either backend (the same numbers), each -> what pip installs;
+# objective.eval_backend=auto takes faster_coco_eval where it is installed (several times faster on large sets)
+COCO_PACKAGES = {"pycocotools": "pycocotools", "faster_coco_eval": "faster-coco-eval"}
+EVAL_BACKENDS = ("auto", *COCO_PACKAGES)
+DETECT_BACKBONES = ("mimdet", "plain")  # src/detection: MIMDet (backbone.py), ViTDet (plain_backbone.py)
+FPN_NORMS = ("", "syncbn")  # src/detection/backbone.py: after each FPN conv, nothing (convs with biases) or BatchNorm
+BOX_LOSSES = ("l1", "smooth_l1")  # src/detection/detector.py: detectron2's L1 or torchvision's smooth L1 (beta 1/9)
+STEM_STRIDE = 16  # MIMDet's ConvStem: the token grid of an image is its size / 16 (objective.table_size)
+# src/pipeline/export.py: what a run writes at its end besides its weights (export_formats), docs/exports.md
+EXPORT_FORMATS = ("hf", "onnx")
+EACH_EXPORT_FORMAT = Check(lambda v: all(f in EXPORT_FORMATS for f in v), f"each must be one of {EXPORT_FORMATS}")
 
 
 # ---- registries outside this repository, asked only when a config is checked ---------------------------------------
@@ -54,6 +66,21 @@ def strategies() -> tuple[str, ...]:
     from lightning.pytorch.strategies import StrategyRegistry
 
     return ("auto", *StrategyRegistry.available_strategies())
+
+
+def installed_eval_backends() -> tuple[str, ...]:
+    """The COCO backends importable here (found, not imported: asking costs nothing at composition)."""
+    return tuple(name for name in COCO_PACKAGES if importlib.util.find_spec(name) is not None)
+
+
+def _installed_backend_choices() -> str:
+    """The choices that work here, and the pip command for the backends that are not installed."""
+    installed = installed_eval_backends()
+    missing = " ".join(package for name, package in COCO_PACKAGES.items() if name not in installed)
+    return f"must be one of {('auto', *installed)}" + (f" (not installed: `pip install {missing}`)" if missing else "")
+
+
+INSTALLED_EVAL_BACKEND = Check(lambda v: v == "auto" or v in installed_eval_backends(), _installed_backend_choices)
 
 
 def is_timm_model(name: str) -> bool:
@@ -192,6 +219,7 @@ class Trainer:
     num_sanity_val_steps: int = setting(at_least(-1, "-1: all"))
     compile: bool = MISSING
     timeout_s: float = setting(above(0, "seconds a rank waits for the others in a collective"))
+    progress: str = setting(one_of(PROGRESS_MODES))
 
 
 @dataclass
@@ -215,15 +243,30 @@ class FsdpTrainer(Trainer):
 
 @dataclass
 class Wandb:
-    enabled: bool = MISSING
     project: str = MISSING
     entity: str | None = MISSING
     mode: str = setting(one_of(WANDB_MODES))
 
 
 @dataclass
+class TensorBoard:
+    save_dir: str | None = MISSING  # null: the run folder's tensorboard/; a folder: <folder>/<run_name>
+
+
+@dataclass
+class MLflow:
+    tracking_uri: str | None = MISSING  # null: a file store in the run folder (mlruns/); else a server or a store
+    experiment: str = MISSING
+
+
+@dataclass
 class Logger:
-    wandb: Wandb = MISSING
+    """One section per logger the run writes to besides its CSV log: conf/logger/ (``logger=[wandb,tensorboard]``)
+    sets the sections it chooses, and an absent section is a logger that does not run."""
+
+    wandb: Wandb | None = None
+    tensorboard: TensorBoard | None = None
+    mlflow: MLflow | None = None
 
 
 @dataclass
@@ -408,6 +451,7 @@ class KnnObjective(KnnVote, Objective):
 
 @dataclass
 class DetectObjective(Objective):
+    backbone: str = setting(one_of(DETECT_BACKBONES))
     train_ratio: float = setting(between(0, 1, "(]"))
     eval_ratio: float = setting(between(0, 1, "(]"))
     compare_train_ratio: bool = MISSING
@@ -424,7 +468,16 @@ class DetectObjective(Objective):
     test_proposals: int = setting(at_least(1))
     anchor_sizes: list[int] = setting(Check(lambda v: len(v) == 5 and min(v) > 0, "needs 5 positive sizes (P2..P6)"))
     eval_every_n_epochs: int = setting(at_least(1))
-    eval_backend: str = setting(one_of(EVAL_BACKENDS))
+    eval_backend: str = setting(INSTALLED_EVAL_BACKEND)
+    table_size: int | None = setting(
+        Check(lambda v: v is None or (v >= STEM_STRIDE and v % STEM_STRIDE == 0), "must be null or a multiple of 16")
+    )
+    layer_norm_eps: float = setting(above(0))
+    fpn_norm: str = setting(one_of(FPN_NORMS))
+    box_loss: str = setting(one_of(BOX_LOSSES))
+    warmup_factor: float = setting(between(0, 1))
+    iters_per_epoch: int | None = setting(Check(lambda v: v is None or v >= 1, "must be null or at least 1"))
+    grad_checkpointing: bool = MISSING
     optim: DetectOptim = MISSING
 
 
@@ -477,6 +530,7 @@ class Run:
 class PretrainRun(Run):
     encoder: Encoder = MISSING
     export: bool = MISSING
+    export_formats: list[str] = setting(EACH_EXPORT_FORMAT)
     knn: KnnMonitor | None = MISSING
 
 
@@ -513,6 +567,7 @@ class SupervisedRun(Run):
     objective: SupervisedObjective = MISSING
     model: Model = MISSING
     export: bool = MISSING
+    export_formats: list[str] = setting(EACH_EXPORT_FORMAT)
     knn: KnnMonitor | None = MISSING
 
 

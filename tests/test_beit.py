@@ -19,6 +19,7 @@ from src.config import ConfigError
 from src.data.builtin import load_fashion_mnist
 from src.encoders.base import FilterReport
 from src.encoders.beit import SHARED_TABLE, checkpoint_filter_fn, shared_to_per_layer_rel_pos_bias
+from src.figures import MARGIN
 from src.files import load_state_dict_file
 from src.methods.base import encoder_export_state
 from src.methods.beit import BEiT, BeitTransform
@@ -324,8 +325,9 @@ def test_beit_training_runs(tmp_path: Path, tokenizer_file: Path, encoder: list[
     assert math.isfinite(result.metrics["train/loss"]) and 0 <= result.metrics["train/mim_accuracy"] <= 1
     assert result.exports["encoder"].is_file() and result.exports["beit_full"].is_file()
     assert result.pictures is not None
-    picture = Image.open(sorted(result.pictures.glob("*.png"))[-1])
-    assert round(picture.width / (picture.height / 8)) == 4  # 8 rows of input | mask | tokenizer recon | prediction
+    picture = Image.open(sorted(result.pictures.glob("step*.png"))[-1])
+    # 4 columns (input | mask | tokenizer recon | prediction) of 8 rows of 32 px images, each shown 5x
+    assert picture.width == 4 * 160 + 5 * MARGIN and picture.height > 8 * 160
     checkpoint = torch.load(result.checkpoint, weights_only=True)
     assert not any(k.startswith("tokenizer.") for k in checkpoint["state_dict"])
     if encoder is BEIT:

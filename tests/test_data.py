@@ -182,6 +182,7 @@ def test_fashion_mnist_datamodule_follows_the_knn_protocol(test_split):
     cfg = dataset_cfg("fashion_mnist", img_size=32, train_limit=256, knn_bank=300, knn_queries=200)
     dm = make_dm(cfg, batch_size=64, num_workers=0)
     assert dm.num_classes == 10 and dm.img_size == 32
+    assert dm.class_names[0] == "T-shirt/top" and dm.class_names[9] == "Ankle boot"  # the confusion matrix's axes
     batches = list(dm.train_dataloader())
     assert len(batches) == 4
     assert batches[0]["image"].shape == (64, 3, 32, 32) and batches[0]["label"].dtype == torch.long
@@ -211,7 +212,7 @@ def test_image_folder_skips_and_counts_a_corrupt_file(tmp_path, test_split, capl
     cfg = dataset_cfg("image_folder", root=str(tmp_path / "train"), val_root=str(tmp_path / "val"), img_size=32)
     cfg.knn_bank = cfg.knn_queries = None
     dm = make_dm(cfg, batch_size=5, num_workers=0)
-    assert dm.num_classes == 3
+    assert dm.num_classes == 3 and dm.class_names == ("pullover", "trouser", "tshirt")  # folder names, label order
 
     with caplog.at_level(logging.WARNING, logger="src.data"):
         train = list(dm.train_dataloader())

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import SCENES, SMALL_HEADS, TINY, both_ranks, compose_config
 from omegaconf import OmegaConf
+from torch import nn
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from src.config import ConfigError
 from src.detection.data import CocoDataModule
-from src.detection.detector import AlignedMultiScaleRoIAlign, DetectionTransform
+from src.detection.detector import AlignedMultiScaleRoIAlign, DetectionTransform, PartialInputRCNN, build_detector
+from src.encoders.pos_embed import resize_table
 from src.methods.detect import Detection
 from src.methods.optim import scaled_lr, warmup_step_decay
 from src.pipeline.fit import prepare, run
@@ -99,7 +103,13 @@ def test_the_decoder_starts_as_the_mae_decoder_and_the_encoder_as_its_encoder(ma
         assert torch.equal(decoder[key], state[key]), key
     encoder = module.encoder.state_dict()
     assert torch.equal(encoder["blocks.1.attn.proj.weight"], state["encoder.blocks.1.attn.proj.weight"])
-    assert module.detector.backbone.decoder.decoder_pos_embed.shape == state["decoder_pos_embed"].shape
+    # both tables resized once from the MAE's 8x8 grid to objective.table_size's (800 px / 16: 50x50), as MIMDet
+    mae_table, grid = state["decoder_pos_embed"], (50, 50)
+    assert torch.equal(module.detector.backbone.decoder.decoder_pos_embed, resize_table(mae_table, (8, 8), grid, 1))
+    assert torch.equal(module.encoder.pos_embed, resize_table(state["encoder.pos_embed"], (8, 8), grid, 1))
+    assert "  position tables (encoder, decoder) resized once from 8x8 to 50x50" in "\n".join(
+        module.init_report.lines()
+    )
 
 
 def test_the_official_full_mae_layout_loads_encoder_and_decoder(mae_run, tmp_path):
@@ -251,6 +261,56 @@ def test_three_lr_groups_and_the_papers_lr_at_batch_64(tmp_path):
     optim = recipe.objective.optim
     assert scaled_lr(optim.base_lr, recipe.batch_size * 8, optim.reference_batch) == pytest.approx(8e-5)
     assert OmegaConf.to_container(recipe.objective.lr_milestones) == [27, 33] and recipe.epochs == 36
+
+
+def test_the_coco_recipe_counts_the_originals_iterations_and_warms_up_from_zero(tmp_path):
+    """MIMDet's 3x: 36 "epochs" of 1,875 steps whatever the filtered set's size: 67,500 steps, x0.1 at 50,625 and
+    61,875, a quarter epoch of warm-up starting at lr 0 (configure_optimizers, as the trainer calls it)."""
+    recipe = prepare(compose_config(["recipe=mimdet_vit_b_coco_3x", "dataset.root=/data/coco"], config_name="finetune"))
+    assert (recipe.cfg.trainer.max_steps, recipe.cfg.trainer.max_epochs) == (67_500, -1)
+    assert recipe.cfg.objective.warmup_factor == 0.0 and recipe.cfg.objective.grad_checkpointing
+    schedule = ["objective.iters_per_epoch=1875", "objective.lr_milestones=[27,33]", "warmup_epochs=0.25"]
+    module = built(detect_config(tmp_path, *schedule, "epochs=36"))
+    module.trainer = SimpleNamespace(world_size=8, accumulate_grad_batches=1, estimated_stepping_batches=67_500)
+    factor = module.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert module.schedule_epoch_steps() == 1875
+    steps = (0, 234, 468, 50_624, 50_625, 61_874, 61_875, 67_499)
+    assert [factor(step) for step in steps] == pytest.approx([0.0, 0.5, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
+
+
+def heads_with(box_loss: str) -> PartialInputRCNN:
+    """A 3-class Faster R-CNN's RPN and RoI heads at width 16 (their backbone is never run here)."""
+    backbone = nn.Identity()
+    backbone.out_channels = 16
+    return build_detector(backbone, 3, False, [128], 128, 128, [0.0] * 3, [1.0] * 3, box_loss=box_loss).train()
+
+
+@pytest.mark.parametrize(("box_loss", "beta"), [("l1", 0.0), ("smooth_l1", 1 / 9)])
+@torch.no_grad()
+def test_box_losses_are_detectron2s_l1_or_torchvisions_smooth_l1(box_loss, beta):
+    """Few enough anchors and RoIs that every one is sampled: the losses computed here from what was sampled."""
+    torch.manual_seed(0)
+    detector = heads_with(box_loss)
+    labels = [torch.tensor([1.0] * 6 + [0.0] * 10 + [-1.0] * 4)]  # 6 positive anchors, 10 negative, 4 ignored
+    deltas, targets = torch.randn(20, 4), [torch.randn(20, 4)]
+    _, rpn_box = detector.rpn.compute_loss(torch.randn(20), deltas, labels, targets)
+    expected = F.smooth_l1_loss(deltas[:6], targets[0][:6], beta=beta, reduction="sum") / 16
+    assert float(rpn_box) == pytest.approx(float(expected))
+
+    heads = detector.roi_heads
+    features = {name: torch.randn(1, 16, 128 // 2**i, 128 // 2**i) for i, name in enumerate("0123")}
+    truth = [
+        {"boxes": torch.tensor([[10.0, 10.0, 70.0, 60.0], [50.0, 40.0, 120.0, 110.0]]), "labels": torch.tensor([1, 3])}
+    ]
+    proposals = [torch.cat([truth[0]["boxes"] + 3 * torch.randn(2, 4), torch.tensor([[0.0, 90.0, 30.0, 127.0]])])]
+    sampled, _, roi_labels, roi_targets = heads.select_training_samples([proposals[0].clone()], truth)
+    roi_deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, sampled, [(128, 128)])))[1]
+    roi_labels, roi_targets = roi_labels[0], roi_targets[0]
+    positive = torch.where(roi_labels > 0)[0]
+    chosen = roi_deltas.reshape(len(roi_labels), -1, 4)[positive, roi_labels[positive]]
+    expected = F.smooth_l1_loss(chosen, roi_targets[positive], beta=beta, reduction="sum") / len(roi_labels)
+    _, losses = heads(features, proposals, [(128, 128)], truth)
+    assert positive.numel() >= 2 and float(losses["loss_box_reg"]) == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.mark.slow

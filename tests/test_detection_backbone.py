@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from timm.layers import resample_abs_pos_embed
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from src.detection.backbone import (
     ConvStem,
@@ -23,6 +24,7 @@ from src.detection.backbone import (
 from src.detection.detector import build_detector
 from src.encoders import create_encoder
 from src.encoders.pos_embed import interpolate_pos_embed
+from src.methods.global_norm import GlobalBatchNorm, use_global_batchnorm
 from src.methods.mae import MAE
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "encoder"
@@ -191,6 +193,56 @@ def test_every_parameter_gets_a_gradient(ratio):
     trainable = [name for name, p in backbone.named_parameters() if p.requires_grad]
     assert "decoder.fill_proj.weight" in trainable and "encoder_input.encoder.blocks.0.attn.qkv.weight" in trainable
     assert [name for name, p in backbone.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_gradient_checkpointing_recomputes_stem_encoder_and_decoder_for_the_same_gradients():
+    """The original's memory switch: each checkpointed part runs twice per step (forward, then again in backward)
+    and the gradients are those of the plain run (drop path's draws replayed)."""
+    images, sizes = torch.randn(2, 3, 64, 96), [(64, 96), (50, 70)]
+    grads, calls = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        backbone = tiny_backbone().train()
+        backbone.set_grad_checkpointing(recompute)
+        parts = (backbone.stem.stages[1], backbone.encoder.blocks[0], backbone.decoder.decoder_blocks[1])
+        counted = [0] * len(parts)
+        for i, part in enumerate(parts):
+            part.register_forward_pre_hook(lambda *_, i=i, seen=counted: seen.__setitem__(i, seen[i] + 1))
+        torch.manual_seed(1)
+        out = backbone(images, sizes, 0.5)
+        sum(level.pow(2).mean() for level in out.values()).backward()
+        grads.append({name: p.grad for name, p in backbone.named_parameters() if p.grad is not None})
+        calls.append(counted)
+    assert calls == [[1, 1, 1], [2, 2, 2]]
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+@pytest.mark.parametrize(("norm", "biased"), [("syncbn", False), ("", True)])
+def test_the_fpn_norm_follows_each_conv_and_every_batchnorm_goes_global(norm, biased):
+    """MIMDet's FPN (BatchNorm after each conv, no conv bias) or torchvision's; with several processes the pipeline
+    makes every BatchNorm of the detector, FPN and heads alike, one over the global batch (detectron2's SyncBN)."""
+    backbone = tiny_backbone(fpn_norm=norm)
+    convs = [m for m in backbone.fpn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 8 and {conv.bias is not None for conv in convs} == {biased}
+    norms = [m for m in backbone.fpn.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == (0 if biased else 8)
+    detector = build_detector(backbone, 3, True, [64], 64, 100, [0.0] * 3, [1.0] * 3)
+    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in detector.modules())
+    assert batch_norms == len(norms) + 4 + 4  # box head and mask head: one after each of their 4 convs
+    assert use_global_batchnorm(detector) == batch_norms
+    assert {type(m) for m in detector.modules() if isinstance(m, _BatchNorm)} == {GlobalBatchNorm}
+    with pytest.raises(ValueError, match="FPN norm must be one of"):
+        tiny_backbone(fpn_norm="gn")
+
+
+def test_layer_norm_eps_reaches_every_norm_of_the_vit_and_the_decoder():
+    backbone = tiny_backbone(layer_norm_eps=1e-5)
+    norms = [
+        m for part in (backbone.encoder, backbone.decoder) for m in part.modules() if isinstance(m, torch.nn.LayerNorm)
+    ]
+    assert len(norms) == 2 * 2 + 1 + 2 * 2 + 1 and {m.eps for m in norms} == {1e-5}
 
 
 def test_hierarchical_backbone_for_pale():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import logging
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,10 +26,14 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.io import read_image
 from torchvision.ops import box_iou
 
+from src.benchmarks.coco_eval import evaluate as coco_evaluate
+from src.benchmarks.coco_eval import imitated_evaluation
 from src.config import ConfigError, validate
 from src.data.builtin import load_fashion_mnist
+from src.detection.build_sets import build_set
 from src.detection.evaluation import DetectionEvaluator
-from src.detection.pictures import DetectionPictures, draw_detections, per_class_table, wandb_detection_image
+from src.detection.pictures import DetectionPictures, detection_figure, per_class_table, wandb_detection_image
+from src.figures import figure_pixels
 
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 SCALE = 2  # 56 px garments: COCO "medium" instances (32^2 < area < 96^2)
@@ -246,14 +251,61 @@ def test_faster_coco_eval_matches_pycocotools(garments):
             assert faster[key] == pytest.approx(value, abs=1e-6), key
 
 
-def test_backend_errors_say_what_to_do(monkeypatch):
-    cfg = compose_config(["objective=detect", "objective.eval_backend=detectron2"], config_name="finetune")
-    with pytest.raises(ConfigError, match="objective.eval_backend='detectron2' must be one of .*faster_coco_eval"):
-        validate(cfg)  # the schema names the backends
+@pytest.mark.parametrize(
+    ("builder", "params", "masks"),
+    [
+        ("stardist", {}, True),
+        ("deepforest", {}, False),
+        ("fmnist_scenes", {"train_images": 1, "val_images": 40}, True),
+    ],
+)
+def test_both_backends_give_the_same_ap_on_the_project_sets(tmp_path: Path, builder: str, params: dict, masks: bool):
+    """Each built set's validation split, scored on detections drawn from its ground truth (hits at every IoU,
+    misses, false positives): every summary number and every class's AP alike, to the last bit."""
+    build_set(builder, tmp_path / builder, **params)
+    class_names, detections, targets = imitated_evaluation(tmp_path / builder, masks)
+    reference = coco_evaluate("pycocotools", class_names, masks, detections, targets)
+    faster = coco_evaluate("faster_coco_eval", class_names, masks, detections, targets)
+    assert 0 < reference["box/ap"] < 1 and (not masks or 0 < reference["mask/ap"] < 1)
+    assert faster == reference
+
+
+def hide_faster_coco_eval(monkeypatch: pytest.MonkeyPatch) -> None:
     installed = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == "faster_coco_eval" else installed(name)
     )
+
+
+def test_auto_takes_faster_coco_eval_where_installed_and_says_which_ran(monkeypatch, caplog):
+    cfg = compose_config(["objective=detect"], config_name="finetune")
+    assert cfg.objective.eval_backend == "auto"
+    validate(cfg)
+    with caplog.at_level(logging.INFO, logger="src.detection.evaluation"):
+        evaluator = DetectionEvaluator(CLASSES, masks=True, backend=cfg.objective.eval_backend)
+    assert evaluator.backend == evaluator.metric._coco_backend.backend == "faster_coco_eval"  # what torchmetrics runs
+    assert caplog.messages == ["COCO box and mask AP through faster_coco_eval (eval_backend=auto)"]
+
+    hide_faster_coco_eval(monkeypatch)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="src.detection.evaluation"):
+        evaluator = DetectionEvaluator(CLASSES, masks=False)
+    assert evaluator.backend == evaluator.metric._coco_backend.backend == "pycocotools"
+    assert caplog.messages == ["COCO box AP through pycocotools (eval_backend=auto)"]
+    assert DetectionEvaluator(CLASSES, masks=False, backend="pycocotools").backend == "pycocotools"  # named: honoured
+
+
+def test_backend_errors_say_what_to_do(monkeypatch):
+    cfg = compose_config(["objective=detect", "objective.eval_backend=detectron2"], config_name="finetune")
+    with pytest.raises(ConfigError, match="objective.eval_backend='detectron2' must be one of .*faster_coco_eval"):
+        validate(cfg)  # the schema names the backends
+    with pytest.raises(ValueError, match="unknown COCO evaluation backend 'detectron2'"):
+        DetectionEvaluator(CLASSES, masks=False, backend="detectron2")
+    hide_faster_coco_eval(monkeypatch)
+    cfg = compose_config(["objective=detect", "objective.eval_backend=faster_coco_eval"], config_name="finetune")
+    refusal = r"objective.eval_backend='faster_coco_eval' must be one of \('auto', 'pycocotools'\) \(not installed: "
+    with pytest.raises(ConfigError, match=refusal + "`pip install faster-coco-eval`"):
+        validate(cfg)  # before any work: a chosen backend that is missing
     with pytest.raises(ImportError, match="pip install faster-coco-eval"):
         DetectionEvaluator(CLASSES, masks=False, backend="faster_coco_eval")
 
@@ -270,7 +322,7 @@ def test_reset_forgets_the_epoch(garments):
     assert evaluator.compute()["box/ap"] == 0.0
 
 
-def test_draw_detections_puts_predictions_left_and_truth_right(garments):
+def test_the_detection_figure_puts_predictions_beside_the_truth_with_class_names(garments):
     image, target = scene(garments, [(1, 4, 4), (2, 60, 90)])
     prediction = as_prediction(target, [0.9, 0.8])
     # a confident box in an empty corner and a weak one in another: only the first is drawn
@@ -279,17 +331,26 @@ def test_draw_detections_puts_predictions_left_and_truth_right(garments):
     prediction["scores"] = torch.cat([prediction["scores"], torch.tensor([0.6, 0.2])])
     prediction["labels"] = torch.cat([prediction["labels"], torch.tensor([9, 9])])
     prediction["masks"] = torch.cat([prediction["masks"], torch.zeros(2, 1, *CANVAS)])
-    picture = draw_detections(image, prediction, target, CLASSES, score_threshold=0.5)
-    height, width = CANVAS
-    assert picture.shape == (3, height, 2 * width) and picture.dtype == torch.uint8
-    plain = (image * 255).round().to(torch.uint8)
-    left, right = picture[..., :width], picture[..., width:]
-    x1, y1, x2, y2 = target["boxes"][1].int().tolist()
-    for side in (left, right):
-        assert not torch.equal(side[:, y1:y2, x1], plain[:, y1:y2, x1])  # a box edge
-    assert not torch.equal(left[:, 10:40, 120], plain[:, 10:40, 120])  # the confident extra box
-    assert torch.equal(right[:, 10:40, 120], plain[:, 10:40, 120])  # ...is not in the ground truth
-    assert torch.equal(left[:, 90:120, 4], plain[:, 90:120, 4])  # the weak box is below the threshold
+    figure = detection_figure([(image, prediction, target)], CLASSES, score_threshold=0.5, step=7)
+    predicted, truth = figure.axes
+    assert (predicted.get_title(), truth.get_title()) == ("prediction (score ≥ 0.5)", "ground truth")
+    assert figure.get_suptitle() == "detections at step 7"
+
+    def outlines(axes) -> list[list[float]]:
+        return [
+            [patch.get_x(), patch.get_y(), patch.get_x() + patch.get_width(), patch.get_y() + patch.get_height()]
+            for patch in axes.patches
+        ]
+
+    assert outlines(predicted) == prediction["boxes"][:3].tolist()  # the weak box is below the threshold
+    assert outlines(truth) == target["boxes"].tolist()
+    assert [text.get_text() for text in predicted.texts] == ["T-shirt/top 0.90", "Trouser 0.80", "Bag 0.60"]
+    assert [text.get_text() for text in truth.texts] == ["T-shirt/top", "Trouser"]
+    assert predicted.patches[1].get_edgecolor() == truth.patches[1].get_edgecolor()  # a colour per class
+    plain, shown = image.permute(1, 2, 0).numpy(), truth.images[0].get_array()
+    covered = target["masks"].bool().any(0).numpy()
+    assert not np.allclose(shown[covered], plain[covered]) and np.array_equal(shown[~covered], plain[~covered])
+    assert figure_pixels(figure).shape == (128 / 160 * 320 + 80, 640, 3)  # each image 320 px on its long side
 
 
 def test_wandb_image_carries_box_and_mask_overlays(garments, monkeypatch):
@@ -346,9 +407,11 @@ def test_detection_pictures_writes_the_grid_and_logs_to_wandb(garments, tmp_path
     callback.on_validation_end(SimpleNamespace(loggers=[logger], global_step=7, sanity_checking=False), module)
     path = tmp_path / "pictures" / "detections_step000007.png"
     assert callback.saved == [path] and path.exists()
-    grid = read_image(str(path))
-    height, width = CANVAS
-    assert grid.shape == (3, height + 4, 2 * (2 * width + 2) + 2)  # two pictures in a row, padded to the largest
-    [(metrics, step)] = logged
-    assert step == 7 and len(metrics["val/detections"]) == 2
+    height = round(100 / 120 * 320 + 80)  # the tallest image (100 x 120) 320 px wide, titles above
+    assert read_image(str(path)).shape == (3, height, 4 * 320)  # one row: each prediction beside its truth, twice
+    assert {step for _, step in logged} == {7}
+    metrics = {key: value for logged_now, _ in logged for key, value in logged_now.items()}
+    assert set(metrics) == {"pictures/detections", "val/detections", "val/per_class_ap"}
+    assert metrics["pictures/detections"][0].image.size == (4 * 320, height)  # the figure, as on disk
+    assert len(metrics["val/detections"]) == 2  # and W&B's overlays of each image
     assert metrics["val/per_class_ap"].data[0] == ["T-shirt/top", 0.5, 0.5]

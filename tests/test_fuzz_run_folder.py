@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from src.config import ConfigError
 from src.pipeline.loggers import AppendingCSVLogger
-from src.pipeline.report import read_curve
+from src.pipeline.report import read_curves
 from src.pipeline.run_folder import (
     CONFIG_FILE,
     FINISHED_FILE,
@@ -110,7 +110,7 @@ def test_any_damaged_csv_history_draws_what_it_can_or_is_named(content: bytes, c
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "metrics.csv"
         path.write_bytes(history[:cut] + content)
-        points = read_curve(path, "train/loss")
+        points = read_curves(path, ["train/loss"])["train/loss"]
         assert all(type(s) is int and math.isfinite(v) for s, v in points)
         try:
             AppendingCSVLogger(save_dir=folder, name="", version="").experiment.metrics_file_path  # noqa: B018

@@ -27,6 +27,22 @@ FASHION_MNIST_FILES = {
 }
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 CLASSES = 10  # Fashion-MNIST's garments and the digits both
+# label i -> name, in the order of the IDX files' labels (Fashion-MNIST's README) and of the digits
+CLASS_NAMES = {
+    "fashion_mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+    "digits": tuple(str(digit) for digit in range(CLASSES)),
+}
 DIGITS_TRAIN = 1500  # deterministic split of the 1,797 digits: first 1,500 train, the rest test
 INSTALL_HINT = "install it with `apt-get install dataset-fashion-mnist` (after `apt-get update`)"
 

@@ -307,6 +307,11 @@ class ImageDataModule(L.LightningDataModule):
         return self.kind.num_classes
 
     @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """Label i's name where the data says it (Fashion-MNIST's garments, an image folder's class folders)."""
+        return self.kind.class_names
+
+    @property
     def img_size(self) -> int:
         return int(self.cfg.img_size)
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from src.config import ConfigError
-from src.data.builtin import CLASSES, TensorImageDataset, fashion_mnist_source, load_fashion_mnist
+from src.data.builtin import CLASS_NAMES, CLASSES, TensorImageDataset, fashion_mnist_source, load_fashion_mnist
 from src.data.folder import ImageFolderDataset, check_readable, scan_image_folder
 from src.data.shards import ShardDataset, check_shards_readable, expand_shards, manifest_counts
 from src.data.transforms import SampleTransform
@@ -98,6 +98,11 @@ class ImageKind(DataKind):
         """The classes the data itself shows once checked (an image folder's class folders); None if it does not say."""
         return None
 
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """Label i's name, for pictures (a confusion matrix); None where the data does not name its classes."""
+        return None
+
 
 def check_image_keys(cfg: DictConfig, batch_size: int) -> None:
     """What every image kind's keys must be beside the batch: a training limit of one batch at least. Each key
@@ -134,10 +139,15 @@ class BuiltinKind(ImageKind):
 
     name = "fashion_mnist"
     in_memory = True
+    source: str | None = None  # "fashion_mnist", or "digits" standing in: known once checked
 
     def check(self) -> None:
-        fashion_mnist_source(_required(self.cfg, "root", "/usr/share/datasets/fashion-mnist"))
+        self.source = fashion_mnist_source(_required(self.cfg, "root", "/usr/share/datasets/fashion-mnist"))
         _check_num_classes(self.cfg, CLASSES, "Fashion-MNIST (or the digits standing in) has")
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        return CLASS_NAMES[self.source] if self.source else None
 
     def build(self) -> dict[str, Dataset]:
         cfg, request = self.cfg, self.request
@@ -186,6 +196,11 @@ class ImageFolderKind(ImageKind):
     @property
     def num_classes(self) -> int | None:
         return len(self._scanned[1]) if self._scanned is not None else None
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The class folders' names, in label order."""
+        return tuple(sorted(self._scanned[1], key=self._scanned[1].get)) if self._scanned is not None else None
 
 
 @register_kind

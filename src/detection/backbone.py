@@ -1,4 +1,5 @@
-"""Detection backbones for torchvision's Mask R-CNN: MIMDet's partial-input ViT and a hierarchical (Pale) one.
+"""Detection backbones for torchvision's Mask R-CNN: MIMDet's partial-input ViT and a hierarchical (Pale) one here,
+ViTDet's plain one in ``plain_backbone.py``; ``build_backbone`` picks by ``objective.backbone`` and the encoder.
 
 MIMDet (Fang et al. 2022, arXiv 2204.02964) feeds a plain MAE-pretrained ViT with only a random part of the
 tokens of a convolutional stem while training, which is what the ViT saw in pretraining and makes global
@@ -23,11 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from src.detection.plain_backbone import PlainBackbone
 from src.encoders.base import PatchTokenEncoder
 from src.encoders.decoder import TokenGridDecoder, decoder_block
+from src.encoders.pos_embed import resize_table
 from src.encoders.vit import init_linear_and_norm
 
 __all__ = [
@@ -47,6 +51,7 @@ __all__ = [
 STRIDE = 16  # the ViT token stride the ConvStem produces
 SIZE_DIVISOR = 32  # C5 halves the stride-16 grid, so inputs are padded to a multiple of 32
 PYRAMID_STRIDES = [4, 8, 16, 32]  # the stage strides a hierarchical encoder must have to feed the FPN
+FPN_NORM_LAYERS = {"": None, "syncbn": nn.BatchNorm2d}  # objective.fpn_norm (src/schema.py FPN_NORMS)
 PerImage = list[torch.Generator] | None  # one generator per image (its draws follow its own seed); None: the global one
 
 
@@ -76,13 +81,21 @@ class ConvStem(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.proj = nn.Conv2d(embed_dim, embed_dim, 1)
         self.out_channels = (embed_dim // 4, embed_dim // 2, embed_dim)
+        self.grad_checkpointing = False  # MIMDetBackbone.set_grad_checkpointing
+
+    def _stage(self, part: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run one stage; under gradient checkpointing its activations are recomputed in the backward pass
+        (the stride-4 maps of an 800 px image are the largest activations of the model)."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(part, x, use_reentrant=False)
+        return part(x)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> (C2 stride 4 D/4 ch, C3 stride 8 D/2 ch, tokens stride 16 D ch), all NCHW."""
-        x = self.stages[0](x)
-        c2 = self.stages[1](x)
-        c3 = self.stages[2](c2)
-        return c2, c3, self.proj(self.stages[3](c3))
+        x = self._stage(self.stages[0], x)
+        c2 = self._stage(self.stages[1], x)
+        c3 = self._stage(self.stages[2], c2)
+        return c2, c3, self._stage(self.proj, self._stage(self.stages[3], c3))
 
 
 def sample_tokens(
@@ -171,6 +184,22 @@ class PartialInputEncoder(nn.Module):
             if id(param) not in used:
                 param.requires_grad_(False)
 
+    def unused_parameters(self) -> list[str]:
+        """Names (under ``encoder.``) of the ViT parameters detection never runs: frozen here, absent from MIMDet's
+        checkpoints (the ViT's own patch embedding, cls and mask tokens)."""
+        used = {id(p) for p in self.encoder.token_parameters(prefix=False)}
+        return [f"encoder.{name}" for name, p in self.encoder.named_parameters() if id(p) not in used]
+
+    def resize_table(self, grid: tuple[int, int]) -> None:
+        """Resample the ViT's position table once to ``grid`` (bicubic, prefix rows kept); ``encode_tokens`` resizes
+        it from there to each batch's grid, as MIMDet's encoder does from its 50x50 table (``TokenGridDecoder``'s
+        ``resize_table`` says why). timm's own ``set_input_size`` resamples with antialiasing, another kernel."""
+        vit = self.encoder
+        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        table = resize_table(vit.pos_embed.detach(), vit.patch_grid, grid, prefix)
+        vit.patch_embed.set_input_size(img_size=(grid[0] * vit.patch_size, grid[1] * vit.patch_size))
+        vit.pos_embed = nn.Parameter(table, requires_grad=vit.pos_embed.requires_grad)
+
     def forward(
         self, tokens: torch.Tensor, valid: torch.Tensor, ratio: float = 1.0, generators: PerImage = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,9 +246,16 @@ class MIMDetDecoder(TokenGridDecoder):
         return x.transpose(1, 2).reshape(b, self.decoder_dim, h, w)
 
 
-def _fpn(in_channels: list[int], out_channels: int) -> FeaturePyramidNetwork:
-    """torchvision's FPN on C2..C5 with the max-pool P6, the five levels of Mask R-CNN's anchors."""
-    return FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=LastLevelMaxPool())
+def _fpn(in_channels: list[int], out_channels: int, norm: str = "") -> FeaturePyramidNetwork:
+    """torchvision's FPN on C2..C5 with the max-pool P6, the five levels of Mask R-CNN's anchors.
+
+    ``norm`` (``FPN_NORM_LAYERS``): "" convs with biases (torchvision's), "syncbn" convs without biases, each
+    followed by a BatchNorm (MIMDet's released config); with several processes every BatchNorm of a run sees the
+    global batch (``TrainingMethod.on_fit_start``), which is detectron2's SyncBN.
+    """
+    if norm not in FPN_NORM_LAYERS:
+        raise ValueError(f"FPN norm must be one of {sorted(FPN_NORM_LAYERS)}, got {norm!r}")
+    return FeaturePyramidNetwork(in_channels, out_channels, LastLevelMaxPool(), norm_layer=FPN_NORM_LAYERS[norm])
 
 
 class MIMDetBackbone(nn.Module):
@@ -227,7 +263,8 @@ class MIMDetBackbone(nn.Module):
 
     Submodules ``stem``, ``encoder_input`` (which owns the ViT; ``encoder`` is the ViT itself), ``decoder``,
     ``fpn``: the recipe's three lr groups are the stem, the ViT and everything else. Padding tokens (from the
-    real ``image_sizes``) are dropped first.
+    real ``image_sizes``) are dropped first. Defaults are the original's: every LayerNorm of the ViT and the
+    decoder at eps ``layer_norm_eps`` 1e-5 (MAE and timm use 1e-6), and BatchNorm in the FPN.
     """
 
     def __init__(
@@ -237,6 +274,8 @@ class MIMDetBackbone(nn.Module):
         decoder_depth: int = 4,
         decoder_heads: int = 16,
         out_channels: int = 256,
+        fpn_norm: str = "syncbn",
+        layer_norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if backbone_kind(encoder) != "mimdet":
@@ -248,13 +287,30 @@ class MIMDetBackbone(nn.Module):
         self.stem = ConvStem(dim)
         self.encoder_input = PartialInputEncoder(encoder)
         self.decoder = MIMDetDecoder(dim, decoder_dim, decoder_depth, decoder_heads, encoder.patch_grid)
-        self.fpn = _fpn([dim // 4, dim // 2, decoder_dim, decoder_dim], out_channels)
+        self.fpn = _fpn([dim // 4, dim // 2, decoder_dim, decoder_dim], out_channels, fpn_norm)
         self.out_channels = out_channels
+        for part in (encoder, self.decoder):
+            for module in part.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = layer_norm_eps
 
     @property
     def encoder(self) -> nn.Module:
         """The ViT (registered once, under ``encoder_input``): what exports and checkpoint loading see."""
         return self.encoder_input.encoder
+
+    def resize_tables(self, grid: tuple[int, int]) -> None:
+        """Resample the encoder's and the decoder's position tables once to ``grid``, after the pretrained ones
+        loaded: MIMDet's tables are on the grid of its 800 px image (50x50), each batch's grid resized from there."""
+        self.encoder_input.resize_table(grid)
+        self.decoder.resize_table(grid)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the activations of the ConvStem stages, the ViT blocks and the decoder blocks in the backward
+        pass instead of keeping them (the original's memory saving; the same numbers, more compute)."""
+        self.stem.grad_checkpointing = enable
+        self.encoder.set_grad_checkpointing(enable)
+        self.decoder.grad_checkpointing = enable
 
     def forward(
         self, images: torch.Tensor, image_sizes: list[tuple[int, int]], ratio: float = 1.0, generators: PerImage = None
@@ -288,7 +344,7 @@ class HierarchicalBackbone(nn.Module):
     frozen: detection never uses them, and DDP must not meet parameters without gradients.
     """
 
-    def __init__(self, encoder: nn.Module, out_channels: int = 256) -> None:
+    def __init__(self, encoder: nn.Module, out_channels: int = 256, fpn_norm: str = "") -> None:
         super().__init__()
         info = list(getattr(encoder, "feature_info", []))
         if [level.get("reduction") for level in info] != PYRAMID_STRIDES:
@@ -300,7 +356,7 @@ class HierarchicalBackbone(nn.Module):
         if isinstance(getattr(encoder, "mask_token", None), nn.Parameter):
             encoder.mask_token.requires_grad_(False)
         self.encoder = encoder
-        self.fpn = _fpn([level["num_chs"] for level in info], out_channels)
+        self.fpn = _fpn([level["num_chs"] for level in info], out_channels, fpn_norm)
         self.out_channels = out_channels
 
     def forward(
@@ -315,8 +371,15 @@ class HierarchicalBackbone(nn.Module):
 
 
 # ---- builders --------------------------------------------------------------------------------------------------
-def backbone_kind(encoder: nn.Module) -> str | None:
-    """``"mimdet"`` for token encoders that can drop tokens (plain ViT), ``"pyramid"`` for four-stage ones (Pale)."""
+def backbone_kind(encoder: nn.Module, backbone: str = "mimdet") -> str | None:
+    """The backbone ``encoder`` feeds when ``backbone`` (``objective.backbone``) is asked; None: it cannot.
+
+    ``"pyramid"`` for four-stage encoders (Pale) under ``"mimdet"``, the default, which they answer with their own
+    stages; ``"mimdet"`` for token encoders that can drop tokens (plain ViT); ``"plain"`` (ViTDet) for any flat
+    token encoder (ViT, BEiT).
+    """
+    if backbone == "plain":
+        return "plain" if isinstance(encoder, PatchTokenEncoder) else None
     if isinstance(encoder, PatchTokenEncoder) and encoder.supports_token_drop:
         return "mimdet"
     strides = [level.get("reduction") for level in getattr(encoder, "feature_info", [])]
@@ -325,11 +388,16 @@ def backbone_kind(encoder: nn.Module) -> str | None:
     return None
 
 
-def build_backbone(encoder: nn.Module, **kwargs: Any) -> MIMDetBackbone | HierarchicalBackbone:
-    """MIMDet for encoders that can drop tokens (plain ViT), the hierarchical FPN for pyramid encoders (Pale).
+def build_backbone(
+    encoder: nn.Module, backbone: str = "mimdet", **kwargs: Any
+) -> MIMDetBackbone | HierarchicalBackbone | PlainBackbone:
+    """MIMDet for encoders that can drop tokens (plain ViT), the hierarchical FPN for pyramid encoders (Pale);
+    ViTDet's simple feature pyramid for any flat token encoder when ``backbone="plain"``.
 
-    ``kwargs`` go to the chosen backbone (MIMDet's decoder and ratio settings, ``out_channels``).
+    ``kwargs`` go to the chosen backbone (MIMDet's decoder settings, ``out_channels``).
     """
+    if backbone == "plain":
+        return PlainBackbone(encoder, PYRAMID_STRIDES, **kwargs)  # it refuses what is no flat token encoder
     kind = backbone_kind(encoder)
     if kind is None:
         raise ValueError(

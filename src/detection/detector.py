@@ -9,7 +9,9 @@ What differs from ``torchvision.models.detection.maskrcnn_resnet50_fpn_v2``, and
   ``aligned=False``;
 - resizing follows train/eval mode (``DetectionTransform``): a random shortest edge from ``train_sizes`` in
   training, ``test_size`` in evaluation, the long side capped at ``max_size``;
-- the RPN keeps 2000 proposals per level before NMS in training and 1000 in testing, 1000 after NMS in both.
+- the RPN keeps 2000 proposals per level before NMS in training and 1000 in testing, 1000 after NMS in both;
+- ``box_loss="l1"`` makes both box regression losses (RPN and RoI heads) plain L1, detectron2's default (its
+  smooth-L1 beta 0) and MIMDet's; torchvision's smooth L1 (beta 1/9) is ``"smooth_l1"``.
 
 The heads are the ``*_fpn_v2`` shapes: a 2-conv RPN head, a 4-conv + 1-fc(1024) box head and a 4-conv mask
 head, each conv followed by BatchNorm. Anchors are 32..512 px on P2..P6 with ratios 0.5/1/2 by default.
@@ -22,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -35,6 +38,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales
 
 from src.data.distributed import derived_generator
+from src.schema import BOX_LOSSES
 
 FEATURE_MAPS = ["0", "1", "2", "3"]  # P2..P5 for the RoI heads; "pool" (P6) feeds the RPN only
 ANCHOR_SIZES = (32, 64, 128, 256, 512)
@@ -114,6 +118,69 @@ class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
         return out
 
 
+class L1BoxRPN(RegionProposalNetwork):
+    """torchvision's RPN with an L1 anchor-box loss (detectron2's): the same sampled anchors and normaliser."""
+
+    def compute_loss(
+        self,
+        objectness: torch.Tensor,
+        pred_bbox_deltas: torch.Tensor,
+        labels: list[torch.Tensor],
+        regression_targets: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        positive_masks, negative_masks = self.fg_bg_sampler(labels)
+        positive = torch.where(torch.cat(positive_masks))[0]
+        sampled = torch.cat([positive, torch.where(torch.cat(negative_masks))[0]])
+        targets = torch.cat(regression_targets)
+        box_loss = F.l1_loss(pred_bbox_deltas[positive], targets[positive], reduction="sum") / sampled.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled], torch.cat(labels)[sampled])
+        return objectness_loss, box_loss
+
+
+class L1BoxRoIHeads(RoIHeads):
+    """torchvision's RoI heads whose box regression loss is L1 (detectron2's) on the same class-specific boxes.
+
+    torchvision computes its smooth-L1 loss inside ``forward``; the sampled labels and targets and the predicted
+    deltas of that call are kept (for the call only) and ``loss_box_reg`` is replaced by the L1 loss over them,
+    with torchvision's normaliser (all sampled RoIs), which is detectron2's too.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self._sampled: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._deltas: torch.Tensor | None = None
+        self.box_predictor.register_forward_hook(self._keep_deltas)
+
+    def _keep_deltas(self, module: nn.Module, inputs: object, output: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if self.training:
+            self._deltas = output[1]
+
+    def select_training_samples(
+        self, proposals: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        sampled = super().select_training_samples(proposals, targets)
+        self._sampled = sampled[2], sampled[3]
+        return sampled
+
+    def forward(
+        self,
+        features: dict[str, torch.Tensor],
+        proposals: list[torch.Tensor],
+        image_shapes: list[tuple[int, int]],
+        targets: list[dict[str, torch.Tensor]] | None = None,
+    ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+            if self.training:
+                labels, targets_encoded = (torch.cat(part) for part in self._sampled)
+                positive = torch.where(labels > 0)[0]
+                deltas = self._deltas.reshape(labels.numel(), -1, 4)[positive, labels[positive]]
+                losses["loss_box_reg"] = F.l1_loss(deltas, targets_encoded[positive], reduction="sum") / labels.numel()
+            return result, losses
+        finally:
+            self._sampled = self._deltas = None
+
+
 class PartialInputRCNN(GeneralizedRCNN):
     """GeneralizedRCNN whose backbone takes ``(padded batch, real image sizes)``; the token sample ratio and the
     per-image seeds are arguments of each call, never state left between calls."""
@@ -177,19 +244,24 @@ def build_detector(
     anchor_sizes: Sequence[int] = ANCHOR_SIZES,
     roi_samples: int = 512,
     test_proposals: int = 1000,
+    box_loss: str = "l1",
 ) -> PartialInputRCNN:
     """Mask R-CNN (``masks``) or Faster R-CNN for ``num_classes`` foreground classes on ``backbone``.
 
     ``backbone`` returns an OrderedDict of five maps ("0".."3", "pool") with ``backbone.out_channels``, which
     the head convs keep (256 in the paper). ``roi_samples``: proposals per image that train the RoI heads
     (512 in the paper; the heads' cost on a CPU grows with it); ``test_proposals``: RPN proposals per image
-    kept after NMS in evaluation (1000 in the paper).
+    kept after NMS in evaluation (1000 in the paper); ``box_loss`` (``BOX_LOSSES``): "l1" for both box regression
+    losses as detectron2 and MIMDet, "smooth_l1" (beta 1/9) for torchvision's.
     """
     if len(anchor_sizes) != len(FEATURE_MAPS) + 1:
         raise ValueError(f"anchor_sizes needs one size per level P2..P6 (5), got {list(anchor_sizes)}")
+    if box_loss not in BOX_LOSSES:
+        raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
+    l1 = box_loss == "l1"
     channels = backbone.out_channels
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (ANCHOR_RATIOS,) * len(anchor_sizes))
-    rpn = RegionProposalNetwork(
+    rpn = (L1BoxRPN if l1 else RegionProposalNetwork)(
         anchors,
         RPNHead(channels, anchors.num_anchors_per_location()[0], conv_depth=2),
         fg_iou_thresh=0.7,
@@ -208,7 +280,7 @@ def build_detector(
             "mask_head": MaskRCNNHeads(channels, [channels] * 4, 1, norm_layer=nn.BatchNorm2d),
             "mask_predictor": MaskRCNNPredictor(channels, channels, num_classes + 1),
         }
-    roi_heads = RoIHeads(
+    roi_heads = (L1BoxRoIHeads if l1 else RoIHeads)(
         AlignedMultiScaleRoIAlign(FEATURE_MAPS, 7, sampling_ratio=0),
         box_head,
         FastRCNNPredictor(1024, num_classes + 1),

@@ -1,12 +1,14 @@
-"""Pictures of detections: prediction beside ground truth as PNG, W&B's interactive overlays, per-class AP table.
+"""Pictures of detections: prediction beside ground truth as a figure, W&B's interactive overlays, per-class AP table.
 
-The PNG is for reading a run from disk; the W&B image carries the boxes and masks as overlays rather than burnt
-into pixels, so the dashboard can toggle classes and move a score threshold over the predictions.
+The figure (a PNG, and an image for every logger) is for reading a run from disk or any dashboard; the W&B image
+also carries the boxes and masks as overlays rather than burnt into pixels, so the dashboard can toggle classes and
+move a score threshold over the predictions.
 """
 
 from __future__ import annotations
 
 import colorsys
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,17 +16,22 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from torch import Tensor
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks, save_image
+
+from src.figures import figure_pixels, log_picture, new_figure, save_picture
 
 if TYPE_CHECKING:
     import wandb
 
 MASK_THRESHOLD = 0.5  # mask probability -> pixel in the mask
 WANDB_MIN_SCORE = 0.05  # W&B gets nearly every prediction: its dashboard slider then picks the threshold
+MASK_ALPHA = 0.45  # how strongly a mask tints the pixels it covers
+CELL = 320  # pixels: the long side of every image in the figure
 
 
 def class_color(label: int) -> tuple[int, int, int]:
@@ -44,52 +51,64 @@ def _binary_masks(masks: Tensor) -> Tensor:
     return masks.bool()
 
 
-def _overlay(canvas: Tensor, boxes: Tensor, labels: list[int], captions: list[str], masks: Tensor | None) -> Tensor:
-    if not labels:
-        return canvas
-    colors = [class_color(label) for label in labels]
+def _draw_instances(
+    axes: Axes, pixels: np.ndarray, boxes: Tensor, labels: list[int], captions: list[str], masks: Tensor | None
+) -> None:
+    """``pixels`` (H, W, 3) in [0, 1] with each instance's mask tinted, its box outlined and its caption on top, in
+    its class's colour."""
+    colors = [np.array(class_color(label)) / 255 for label in labels]
+    pixels = pixels.copy()
     if masks is not None:
-        canvas = draw_segmentation_masks(canvas, masks, alpha=0.45, colors=colors)
-    width = max(1, round(max(canvas.shape[-2:]) / 250))
-    return draw_bounding_boxes(canvas, boxes, labels=captions, colors=colors, width=width)
+        for mask, color in zip(masks.numpy(), colors, strict=True):
+            pixels[mask] = (1 - MASK_ALPHA) * pixels[mask] + MASK_ALPHA * color
+    axes.imshow(pixels, interpolation="nearest")
+    for (x1, y1, x2, y2), caption, color in zip(boxes.tolist(), captions, colors, strict=True):
+        axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=1.5))
+        axes.text(x1, y1, caption, fontsize=7, va="bottom", clip_on=True, bbox={"facecolor": color, "pad": 1, "lw": 0})
+    axes.set_xticks([])
+    axes.set_yticks([])
 
 
-def draw_detections(
-    image: Tensor,
-    prediction: dict[str, Tensor],
-    target: dict[str, Tensor],
+def detection_figure(
+    samples: Sequence[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]],
     class_names: Sequence[str],
     score_threshold: float = 0.5,
-) -> Tensor:
-    """(3, H, 2W) uint8: the predictions scoring at least ``score_threshold`` (left) beside the ground truth (right).
+    step: int | None = None,
+) -> Figure:
+    """Each ``(image, prediction, target)``: the predictions scoring at least ``score_threshold`` beside the
+    ground truth, two images to a row, boxes and masks in a colour per class, captioned with class names.
 
-    ``image`` is float (3, H, W) in [0, 1], unnormalised; boxes and masks in torchvision's detection formats.
+    ``image`` is float (3, H, W) in [0, 1], unnormalised; boxes and masks in torchvision's detection formats. Every
+    image is shown ``CELL`` pixels on its long side, whatever its size: a COCO photo and a 96 px scene alike.
     """
-    canvas = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    keep = prediction["scores"].detach().cpu() >= score_threshold
-    labels = prediction["labels"].cpu()[keep].tolist()
-    scores = prediction["scores"].detach().cpu()[keep].tolist()
-    masks = _binary_masks(prediction["masks"].detach().cpu()[keep]) if "masks" in prediction else None
-    left = _overlay(
-        canvas,
-        prediction["boxes"].detach().cpu()[keep],
-        labels,
-        [f"{_caption(class_names, label)} {score:.2f}" for label, score in zip(labels, scores, strict=True)],
-        masks,
-    )
-    labels = target["labels"].cpu().tolist()
-    crowd = target.get("iscrowd", torch.zeros(len(labels), dtype=torch.long)).cpu().tolist()
-    right = _overlay(
-        canvas,
-        target["boxes"].cpu(),
-        labels,
-        [
+    per_row = min(len(samples), 2)
+    rows = math.ceil(len(samples) / per_row)
+    tallest = max(image.shape[-2] / max(image.shape[-2:]) for image, _, _ in samples)  # height / long side
+    figure = new_figure(2 * per_row * CELL, round(rows * (tallest * CELL + 40) + 40), layout="constrained")
+    grid = figure.subplots(rows, 2 * per_row, squeeze=False)
+    for axes in grid.flat[2 * len(samples) :]:
+        axes.set_axis_off()
+    for (image, prediction, target), left, right in zip(samples, grid.flat[::2], grid.flat[1::2], strict=False):
+        pixels = image.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+        keep = prediction["scores"].detach().cpu() >= score_threshold
+        labels = prediction["labels"].cpu()[keep].tolist()
+        scores = prediction["scores"].detach().cpu()[keep].tolist()
+        masks = _binary_masks(prediction["masks"].detach().cpu()[keep]) if "masks" in prediction else None
+        captions = [f"{_caption(class_names, label)} {score:.2f}" for label, score in zip(labels, scores, strict=True)]
+        _draw_instances(left, pixels, prediction["boxes"].detach().cpu()[keep], labels, captions, masks)
+        left.set_title(f"prediction (score ≥ {score_threshold:g})", fontsize=9)
+        labels = target["labels"].cpu().tolist()
+        crowd = target.get("iscrowd", torch.zeros(len(labels), dtype=torch.long)).cpu().tolist()
+        captions = [
             _caption(class_names, label) + (" (crowd)" if is_crowd else "")
             for label, is_crowd in zip(labels, crowd, strict=True)
-        ],
-        _binary_masks(target["masks"].cpu()) if "masks" in target else None,
-    )
-    return torch.cat([left, right], dim=2)
+        ]
+        masks = _binary_masks(target["masks"].cpu()) if "masks" in target else None
+        _draw_instances(right, pixels, target["boxes"].cpu(), labels, captions, masks)
+        right.set_title("ground truth", fontsize=9)
+    if step is not None:
+        figure.suptitle(f"detections at step {step}")
+    return figure
 
 
 def _box_data(boxes: Tensor, labels: list[int], class_names: Sequence[str], scores: list[float] | None) -> list[dict]:
@@ -176,7 +195,8 @@ class DetectionPictures(L.Callback):
     Reads ``pl_module.detection_samples`` (CPU ``(image, prediction, target)`` tuples), ``pl_module.class_names``
     and ``pl_module.last_per_class`` (the evaluator's rows). It runs at ``on_validation_end``: Lightning calls the
     callbacks' ``on_validation_epoch_end`` before the module's, which is where the module computes its AP.
-    Writes ``detections_step{N:06d}.png`` and logs "val/detections" and "val/per_class_ap" to W&B.
+    Writes ``detections_step{N:06d}.png``, hands it to every logger as "pictures/detections" (``log_picture``),
+    and logs W&B's overlays "val/detections" and the table "val/per_class_ap".
     """
 
     def __init__(self, out_dir: Path, num_images: int = 8, score_threshold: float = 0.5) -> None:
@@ -191,15 +211,11 @@ class DetectionPictures(L.Callback):
         if trainer.sanity_checking or not samples:
             return
         class_names = pl_module.class_names
-        pictures = [draw_detections(*sample, class_names, self.score_threshold) for sample in samples]
-        height = max(p.shape[1] for p in pictures)
-        width = max(p.shape[2] for p in pictures)  # images keep their own sizes: pad to the largest
-        grid = torch.stack([F.pad(p, (0, width - p.shape[2], 0, height - p.shape[1])) for p in pictures])
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"detections_step{trainer.global_step:06d}.png"
-        save_image(grid.float() / 255, path, nrow=2, padding=2)
+        picture = figure_pixels(detection_figure(samples, class_names, self.score_threshold, trainer.global_step))
+        path = save_picture(picture, self.out_dir / f"detections_step{trainer.global_step:06d}.png")
         if path not in self.saved:
             self.saved.append(path)
+        log_picture(trainer, "pictures/detections", picture)
         wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
         if not wandb_loggers:
             return

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from src.encoders.pos_embed import interpolate_pos_embed, sincos_2d
+from src.encoders.pos_embed import interpolate_pos_embed, resize_table, sincos_2d
 
 
 def decoder_block(dim: int, heads: int) -> Block:
@@ -29,6 +30,7 @@ class TokenGridDecoder(nn.Module):
     decoder_pos_embed: nn.Parameter
     decoder_blocks: nn.ModuleList
     decoder_norm: nn.LayerNorm
+    grad_checkpointing: bool = False  # recompute each block's activations in the backward pass (MIMDet's switch)
 
     def build_decoder(
         self,
@@ -68,6 +70,18 @@ class TokenGridDecoder(nn.Module):
         else:
             pos = interpolate_pos_embed(self.decoder_pos_embed[:, 1:], self.decoder_grid, grid)
         x = x + pos.to(x.dtype)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.decoder_blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.decoder_norm(x)
+
+    def resize_table(self, grid: tuple[int, int]) -> None:
+        """Resample ``decoder_pos_embed`` once to ``grid`` (bicubic, prefix row kept); ``decode`` resizes from there.
+
+        MIMDet builds its decoder for an 800 px image: the MAE table is resized to that 50x50 grid at load, then
+        to each batch's grid on every forward. Two bicubic steps do not equal one, and released MIMDet weights
+        hold the 50x50 table.
+        """
+        table = resize_table(self.decoder_pos_embed.detach(), self.decoder_grid, grid, prefix=1)
+        self.decoder_pos_embed = nn.Parameter(table, requires_grad=False)
+        self.decoder_grid = tuple(grid)

@@ -7,6 +7,8 @@ Kinds (``init.kind``; ``auto`` tells them apart):
 - ``export``: ``runs/<name>/export/encoder.safetensors`` (timm naming).
 - ``official``: a released MAE / BEiT / DeiT file (``{"model": {...}}``, timm naming at the top level);
   each method declares the keys of its own parts there (``TrainModule.pretraining_keys``), which are dropped.
+- ``mimdet``: a released MIMDet detector (detectron2 names): the whole detector, which only detection reads
+  (``src/detection/released.py``); never picked by ``auto``.
 - ``random``: no file; the encoder keeps its own init.
 
 What no classifier takes from a checkpoint: classifier heads (re-initialised), mask tokens. Everything
@@ -154,6 +156,11 @@ def encoder_state(
     ``pretraining_keys``: the key prefixes every registered method declares for its own parts in a flat
     (official) checkpoint.
     """
+    if kind == "mimdet":
+        raise ConfigError(
+            "init.kind=mimdet is a whole detector (a released MIMDet checkpoint): objective=detect or "
+            "objective=detect_eval starts from it, not an encoder alone"
+        )
     dropped = []
     out = {}
     for key, value in state.items():

@@ -46,3 +46,12 @@ def interpolate_pos_embed(table: torch.Tensor, src_grid: tuple[int, int], dst_gr
     grid = table.float().reshape(1, h0, w0, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
     return grid.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(table.dtype)
+
+
+def resize_table(
+    table: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int], prefix: int
+) -> torch.Tensor:
+    """(1, prefix + h0*w0, C) whole table -> (1, prefix + h*w, C): the patch rows resized as ``interpolate_pos_embed``
+    does, the ``prefix`` (cls) rows kept as they are. MIMDet resizes MAE's tables this way once, at load."""
+    rows = interpolate_pos_embed(table[:, prefix:], src_grid, dst_grid)
+    return torch.cat([table[:, :prefix], rows], dim=1)

@@ -11,7 +11,7 @@ from src.methods.base import TrainingMethod
 from src.methods.beit import BEiT
 from src.methods.classify import FineTuneClassifier, LinearProbeClassifier
 from src.methods.deit import DeiT
-from src.methods.detect import Detection
+from src.methods.detect import Detection, DetectionEvaluation
 from src.methods.knn import KNNEvaluation
 from src.methods.mae import MAE
 from src.methods.supervised import SupervisedClassifier
@@ -26,6 +26,7 @@ METHODS: dict[str, type[TrainingMethod]] = {
     "linear": LinearProbeClassifier,
     "knn": KNNEvaluation,
     "detect": Detection,
+    "detect_eval": DetectionEvaluation,
     "tokenizer": TokenizerModule,
 }
 

@@ -47,6 +47,7 @@ class TrainingMethod(L.LightningModule):
     pretraining_keys: ClassVar[tuple[str, ...]] = ()
     fits: ClassVar[bool] = True  # False: an evaluation (``trainer.validate``), nothing is trained
     trains_on_labels: ClassVar[bool] = False  # the data module refuses unlabelled training samples (on the host)
+    picture_columns: ClassVar[tuple[str, ...]] = ()  # the titles of ``make_picture``'s views, in order
     trains_mask_token: bool = False  # frozen otherwise, so DDP never meets a parameter without a gradient
     init_report: InitReport | None = None  # what a fine-tune started from; the pipeline publishes it
 
@@ -141,7 +142,8 @@ class TrainingMethod(L.LightningModule):
         raise NotImplementedError
 
     def make_picture(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """An image grid (3, H, W) in [0, 1] showing what the method does, or None."""
+        """What the method does to a few images, or None: (images, views, 3, H, W), each view a column of the
+        picture titled by ``picture_columns``, normalised as ``pixel_stats`` says (the picture undoes it)."""
         return None
 
     def callbacks(self, run_dir: Path) -> list[L.Callback]:
@@ -249,7 +251,7 @@ class TrainingMethod(L.LightningModule):
         groups = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in self.param_groups()]  # layer-wise lr decay
         optimizer = create_optimizer(groups, lr, self.optim)
         total = int(self.trainer.estimated_stepping_batches)  # also loads the train loader: batches are known
-        steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+        steps_per_epoch = self.schedule_epoch_steps()
         warmup = min(int(self.warmup_epochs * steps_per_epoch), total)
         schedule = self.lr_schedule(lr, warmup, total, steps_per_epoch)
         rank_zero_info(  # a log line: LightningModule.print drops output before the progress bar exists
@@ -275,6 +277,11 @@ class TrainingMethod(L.LightningModule):
                 lrs = [base * factor(scheduler.last_epoch) for base, factor in pairs]
                 for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
                     group["lr"] = lr
+
+    def schedule_epoch_steps(self) -> int:
+        """Optimizer steps the schedule counts as one epoch (``warmup_epochs``, milestones): one pass over the data.
+        Detection's COCO recipes count fixed-length epochs instead, as the original's iteration-based schedule."""
+        return max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
 
     def lr_schedule(self, lr: float, warmup: int, total: int, steps_per_epoch: int) -> Callable[[int], float]:
         """The lr multiplier per optimizer step: linear warm-up, then a half-cosine down to ``optim.min_lr``."""

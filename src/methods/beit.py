@@ -101,6 +101,7 @@ class BEiT(TrainingMethod):
     pretraining_keys = ("lm_head.",)
     frozen_parts = ("tokenizer",)  # a fixed target with its own file, never trained here
     trains_mask_token = True
+    picture_columns = ("input", "blockwise mask", "tokenizer's reconstruction", "predicted tokens decoded")
 
     def __init__(
         self,
@@ -225,7 +226,7 @@ class BEiT(TrainingMethod):
 
     @torch.no_grad()
     def make_picture(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Rows of: input | blockwise mask over it | tokenizer's reconstruction | predicted tokens decoded.
+        """Input | blockwise mask over it | tokenizer's reconstruction | predicted tokens decoded, per image.
 
         The last two need a tokenizer with a decoder (not DALL-E's encoder). The prediction keeps the
         tokenizer's tokens where nothing was masked.
@@ -242,7 +243,7 @@ class BEiT(TrainingMethod):
             predicted = tokens.clone()
             predicted[mask] = self.masked_logits(images, mask).argmax(-1)
             views += [self._normalize(recon.clamp(0, 1), size), self._normalize(self.tokenizer.decode(predicted), size)]
-        return torch.stack(views, dim=1).flatten(0, 1)
+        return torch.stack(views, dim=1)
 
     # ---- exports -------------------------------------------------------------------------------
     def export(self, out_dir: Path) -> dict[str, Path]:

@@ -24,13 +24,21 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from src.config import ConfigError
-from src.detection.backbone import backbone_kind, build_backbone, decoder_state_from_mae
+from src.detection.backbone import (
+    SIZE_DIVISOR,
+    STRIDE,
+    MIMDetBackbone,
+    backbone_kind,
+    build_backbone,
+    decoder_state_from_mae,
+)
 from src.detection.data import CocoDataModule
-from src.detection.detector import ANCHOR_SIZES, build_detector
+from src.detection.detector import ANCHOR_SIZES, PartialInputRCNN, build_detector
 from src.detection.evaluation import DetectionEvaluator
 from src.detection.pictures import DetectionPictures
+from src.detection.released import is_released, load_released, released_settings
 from src.encoders import create_encoder
-from src.encoders.base import MaskedEncoder
+from src.encoders.base import MaskedEncoder, PatchTokenEncoder
 from src.encoders.loading import InitCheckpoint, InitReport, preview_names
 from src.files import save_weights
 from src.methods.base import TrainingMethod
@@ -49,6 +57,7 @@ class DetectionInitReport(InitReport):
     decoder_loaded: list[str] = field(default_factory=list)
     decoder_not_loaded: list[str] = field(default_factory=list)
     random_by_design: list[str] = field(default_factory=list)
+    plain_canvas: int | None = None  # objective.backbone=plain: the square input side the encoder runs on
 
     def lines(self) -> list[str]:
         out = [line.replace("init:", "init (encoder):", 1) for line in super().lines()]
@@ -57,8 +66,43 @@ class DetectionInitReport(InitReport):
                 f"init (decoder): loaded {len(self.decoder_loaded)} tensors from the MAE decoder, "
                 f"{len(self.decoder_not_loaded)} left random{preview_names(self.decoder_not_loaded)}"
             )
-        out.append("random by design (new in detection, as in MIMDet): " + ", ".join(self.random_by_design))
+        if self.plain_canvas:
+            out.append(
+                f"plain backbone (ViTDet): the encoder runs on a {self.plain_canvas}x{self.plain_canvas} canvas "
+                "(dataset.sizes.max rounded up to 32), every batch padded to it"
+            )
+        out.append("random by design (new in detection): " + ", ".join(self.random_by_design))
         return out
+
+
+def plain_canvas(dataset: DictConfig) -> int:
+    """The square side the plain backbone's encoder runs on: the longest padded side the detector's resize can
+    give (``dataset.sizes.max``, rounded up to the padding multiple of 32)."""
+    return -(-int(dataset.sizes.max) // SIZE_DIVISOR) * SIZE_DIVISOR
+
+
+def settle_released(settled: DictConfig, init: InitCheckpoint) -> None:
+    """The ``objective`` sizes a released MIMDet detector was built with (its shapes say them), set in ``settled``;
+    a file that is no MIMDet detector, or one that detects other classes than the dataset's, is refused."""
+    if not is_released(init.state):
+        raise ConfigError(
+            f"init.kind=mimdet but init.checkpoint={init.path} is no MIMDet detector: it has no "
+            "backbone.bottom_up.encoder.* entries, where a released MIMDet checkpoint (detectron2 names) holds its ViT"
+        )
+    try:
+        values = released_settings(init.state)
+    except KeyError as e:
+        raise ConfigError(f"init.checkpoint={init.path} (init.kind=mimdet) has no {e.args[0]}") from None
+    if values["objective.table_size"] is None:
+        raise ConfigError(f"init.checkpoint={init.path}: its encoder's pos_embed does not hold a square grid")
+    for key, value in values.items():
+        if not key.startswith("dataset."):
+            OmegaConf.update(settled, key, value)
+        elif (configured := OmegaConf.select(settled, key)) != value:
+            raise ConfigError(
+                f"init.checkpoint={init.path} was trained with {key}={value}, but {key}={configured}: evaluate "
+                "it on the data it detects (COCO's 80 classes with masks, for the released ones)"
+            )
 
 
 def checkpoint_decoder(init: InitCheckpoint) -> dict[str, torch.Tensor]:
@@ -84,12 +128,16 @@ class Detection(TrainingMethod):
         compare_train_ratio: bool = False,
         num_pictures: int = 4,
         eval_backend: str = "pycocotools",
+        warmup_factor: float = 0.001,
+        iters_per_epoch: int | None = None,
     ) -> None:
         super().__init__(None, optim, batch_size, warmup_epochs)  # the backbone owns the encoder (``encoder`` below)
         self.detector = detector
         self.class_names = list(class_names)
         self.lr_mult = lr_mult
         self.lr_milestones = tuple(lr_milestones)
+        self.warmup_factor = warmup_factor  # the lr at the first step, as a fraction of lr
+        self.iters_per_epoch = iters_per_epoch  # steps per epoch of the schedule; None: a pass over the data
         self.train_ratio, self.eval_ratio = train_ratio, eval_ratio  # token sample ratios (MIMDet), passed per call
         self.compare_train_ratio = compare_train_ratio
         self.num_pictures = num_pictures
@@ -120,7 +168,9 @@ class Detection(TrainingMethod):
     def settle_config(cls, cfg: DictConfig, init: InitCheckpoint) -> DictConfig:
         """The encoder the checkpoint records, at the size it was pretrained at (its position table: the size its
         MAE recorded, else MAE's 224); the decoder's width and heads from its MAE decoder; Lightning's validation
-        cadence from ``objective.eval_every_n_epochs``.
+        cadence from ``objective.eval_every_n_epochs``; with ``objective.iters_per_epoch`` the run's length in steps
+        (``epochs`` of that many steps). A released MIMDet detector (``init.kind=mimdet``) settles the sizes it was
+        built with (``settle_released``).
 
         A ViT's decoder starts from the checkpoint's MAE decoder, so a checkpoint without one (unless
         ``objective.random_decoder``), or with fewer blocks than ``objective.decoder_depth``, is refused here.
@@ -129,6 +179,16 @@ class Detection(TrainingMethod):
         settle_encoder(settled, init)
         t = settled.objective
         OmegaConf.update(settled, "trainer.check_val_every_n_epoch", t.eval_every_n_epochs, force_add=True)
+        if t.iters_per_epoch:  # the original's fixed-length epochs: the run ends by steps, whatever the data's size
+            OmegaConf.update(settled, "trainer.max_steps", int(settled.epochs) * t.iters_per_epoch)
+            OmegaConf.update(settled, "trainer.max_epochs", -1)
+        if init.kind == "mimdet":  # the encoder is built at MAE's size, then takes the file's tables
+            t.pretrain_img_size = t.pretrain_img_size or MAE_IMG_SIZE
+            settle_released(settled, init)
+            return settled
+        if t.backbone == "plain":  # no decoder, and the whole input always (docs/detection.md says why)
+            t.train_ratio = t.eval_ratio = 1.0
+            return settled
         if t.pretrain_img_size is None:
             t.pretrain_img_size = int(init.hparams.get("img_size", MAE_IMG_SIZE))
         decoder = checkpoint_decoder(init)
@@ -140,9 +200,10 @@ class Detection(TrainingMethod):
         depth = 1 + max((int(k.split(".")[1]) for k in decoder if k.startswith("decoder_blocks.")), default=-1)
         if depth == 0 and not t.random_decoder:
             raise ConfigError(
-                f"init.checkpoint={init.path} has no MAE decoder, which MIMDet's decoder starts from "
-                "(an encoder-only export, or another objective's checkpoint). Use the MAE run's last.ckpt or the "
-                "official full MAE checkpoint, or set objective.random_decoder=true to train the decoder from scratch"
+                f"init.checkpoint={init.path} has no MAE decoder, which objective.backbone=mimdet starts its decoder "
+                "from (an encoder-only export, or another objective's checkpoint). Use the MAE run's last.ckpt or the "
+                "official full MAE checkpoint, set objective.backbone=plain (ViTDet's simple feature pyramid: no "
+                "decoder), or set objective.random_decoder=true to train MIMDet's decoder from scratch"
             )
         if 0 < depth < t.decoder_depth:
             raise ConfigError(
@@ -158,22 +219,44 @@ class Detection(TrainingMethod):
             raise ConfigError(
                 f"objective=detect needs a COCO-format dataset (dataset.kind=coco), got {cfg.dataset.kind}"
             )
+        t = cfg.objective
         encoder = cls.build_encoder(cfg, device="meta")
-        if backbone_kind(encoder) is None:
+        named = f"encoder={cfg.encoder.name} ({cfg.encoder.arch})"
+        kind = backbone_kind(encoder, t.backbone)
+        if kind is None and t.backbone == "plain":
             raise ConfigError(
-                f"encoder={cfg.encoder.name} ({cfg.encoder.arch}) can be a detection backbone neither by token "
-                "sampling (plain ViT: MIMDet) nor as a four-stage pyramid (Pale); BEiT's encoder is neither yet"
+                f"objective.backbone=plain needs a flat token encoder (ViT, BEiT) for ViTDet's pyramid; {named} is "
+                "not one (a four-stage encoder such as Pale feeds the FPN from its stages: objective.backbone=mimdet)"
             )
-        if not encoder.supports_token_drop and cfg.objective.compare_train_ratio:
-            raise ConfigError(f"objective.compare_train_ratio: encoder={cfg.encoder.name} samples no tokens")
+        if kind is None:
+            plain = "; set objective.backbone=plain (ViTDet's simple feature pyramid on the full input)"
+            raise ConfigError(
+                f"{named} can be a detection backbone neither by token sampling (objective.backbone=mimdet: plain "
+                "ViT) nor as a four-stage pyramid (Pale)" + (plain if isinstance(encoder, PatchTokenEncoder) else "")
+            )
+        if kind == "plain":
+            try:
+                with torch.device("meta"):
+                    build_backbone(encoder, "plain", out_channels=t.fpn_channels)
+            except ValueError as e:
+                raise ConfigError(f"objective.backbone=plain with {named}: {e}") from None
+        if kind != "mimdet" and t.compare_train_ratio:
+            raise ConfigError(f"objective.compare_train_ratio: {named} samples no tokens on the {kind} backbone")
+        if cfg.init.kind == "mimdet" and kind != "mimdet":
+            raise ConfigError(
+                f"init.kind=mimdet loads a whole MIMDet detector: objective.backbone=mimdet with a plain ViT encoder, "
+                f"not the {kind} backbone of {named}"
+            )
 
     @classmethod
     def build_encoder(cls, cfg: DictConfig, device: str = "cpu") -> MaskedEncoder:
-        """The encoder at its pretraining size (its position table, settled), as the checkpoint will fill it."""
+        """The encoder at its pretraining size (its position table, settled), as the checkpoint will fill it; for
+        the plain backbone at its canvas (the checkpoint's tables are resampled to it once, at load)."""
         t = cfg.objective
+        size = plain_canvas(cfg.dataset) if t.backbone == "plain" else t.pretrain_img_size
         try:
             with torch.device(device):
-                return create_encoder(cfg.encoder, t.pretrain_img_size, drop_path_rate=t.drop_path)
+                return create_encoder(cfg.encoder, size, drop_path_rate=t.drop_path)
         except (TypeError, ValueError, AssertionError) as e:
             raise ConfigError(f"encoder={cfg.encoder.name} ({cfg.encoder.arch}): {e}") from None
 
@@ -182,33 +265,80 @@ class Detection(TrainingMethod):
         return CocoDataModule(cfg.dataset, cfg.batch_size, cfg.num_workers, seed=cfg.seed)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, init: InitCheckpoint) -> Detection:
-        t, d = cfg.objective, cfg.dataset
-        encoder = cls.build_encoder(cfg)
-        report = start_encoder(cfg, init, encoder)
-        token_drop = encoder.supports_token_drop  # MIMDet; else the pyramid backbone (Pale), without these settings
-        mimdet = ("decoder_dim", "decoder_depth", "decoder_heads") if token_drop else ()
-        backbone = build_backbone(encoder, out_channels=t.fpn_channels, **{key: t[key] for key in mimdet})
+    def backbone_from_config(
+        cls, cfg: DictConfig, init: InitCheckpoint, device: str = "cpu"
+    ) -> tuple[nn.Module, DetectionInitReport]:
+        """The backbone of the settled config, started from ``init``, and the report of what went where (built on
+        ``device``: "meta" checks shapes without allocating).
+
+        MIMDet's: the encoder and the decoder loaded from the MAE checkpoint, then both position tables resized
+        once to the grid of ``objective.table_size`` (the original's 800 px image: 50x50); every LayerNorm of
+        both at ``objective.layer_norm_eps``; ``objective.grad_checkpointing``. A released MIMDet detector
+        (``init.kind=mimdet``) is loaded whole once the detector is built: here its parts keep their init.
+        """
+        t = cfg.objective
+        start = InitCheckpoint() if init.kind == "mimdet" else init
+        encoder = cls.build_encoder(cfg, device)
+        report = start_encoder(cfg, start, encoder)
+        kind = backbone_kind(encoder, t.backbone)
+        token_drop = kind == "mimdet"  # else ViTDet's or the pyramid backbone (Pale), without these settings
+        mimdet = ("decoder_dim", "decoder_depth", "decoder_heads", "layer_norm_eps") if token_drop else ()
+        norm = {} if kind == "plain" else {"fpn_norm": t.fpn_norm}
+        settings = {"out_channels": t.fpn_channels, **norm, **{key: t[key] for key in mimdet}}
+        with torch.device(device):
+            backbone = build_backbone(encoder, t.backbone, **settings)
         report = DetectionInitReport(**vars(report), random_by_design=["FPN", "RPN", "RoI heads"])
+        if kind == "plain":
+            report.random_by_design[0] = "simple feature pyramid"
+            report.plain_canvas = plain_canvas(cfg.dataset)
         if token_drop:
             report.random_by_design[:0] = ["ConvStem", "decoder fill-in projection"]
             state, report.decoder_loaded, report.decoder_not_loaded = decoder_state_from_mae(
-                checkpoint_decoder(init), t.decoder_depth
+                checkpoint_decoder(start), t.decoder_depth
             )
             backbone.decoder.load_state_dict(state, strict=False)
-        detector = build_detector(
-            backbone,
-            int(d.num_classes),
-            bool(d.masks),
-            d.sizes.train,
-            d.sizes.test,
-            d.sizes.max,
-            d.mean,
-            d.std,
-            anchor_sizes=t.anchor_sizes or ANCHOR_SIZES,
-            roi_samples=t.roi_samples,
-            test_proposals=t.test_proposals,
-        )
+            if t.table_size:
+                (h, w), side = backbone.decoder.decoder_grid, t.table_size // STRIDE
+                backbone.resize_tables((side, side))
+                report.notes.append(
+                    f"position tables (encoder, decoder) resized once from {h}x{w} to {side}x{side} "
+                    f"(objective.table_size={t.table_size}), then to each batch's grid, as MIMDet"
+                )
+        if t.grad_checkpointing:
+            (backbone if token_drop else encoder).set_grad_checkpointing(True)
+        return backbone, report
+
+    @classmethod
+    def detector_from_config(
+        cls, cfg: DictConfig, init: InitCheckpoint, device: str = "cpu"
+    ) -> tuple[PartialInputRCNN, InitReport]:
+        """The whole detector started from ``init`` (a released MIMDet detector fills all of it), and the report."""
+        t, d = cfg.objective, cfg.dataset
+        backbone, report = cls.backbone_from_config(cfg, init, device)
+        with torch.device(device):
+            detector = build_detector(
+                backbone,
+                int(d.num_classes),
+                bool(d.masks),
+                d.sizes.train,
+                d.sizes.test,
+                d.sizes.max,
+                d.mean,
+                d.std,
+                anchor_sizes=t.anchor_sizes or ANCHOR_SIZES,
+                roi_samples=t.roi_samples,
+                test_proposals=t.test_proposals,
+                box_loss=t.box_loss,
+            )
+        if init.kind == "mimdet":
+            report = load_released(detector, init.state, str(init.path.resolve()))
+        return detector, report
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, init: InitCheckpoint) -> Detection:
+        t, d = cfg.objective, cfg.dataset
+        detector, report = cls.detector_from_config(cfg, init)
+        token_drop = isinstance(detector.backbone, MIMDetBackbone)
         module = cls(
             detector,
             class_names=CocoDataModule.read_class_names(d),
@@ -223,6 +353,8 @@ class Detection(TrainingMethod):
             compare_train_ratio=t.compare_train_ratio,
             num_pictures=cfg.pictures.num_images,
             eval_backend=t.eval_backend,
+            warmup_factor=t.warmup_factor,
+            iters_per_epoch=t.iters_per_epoch,
         )
         module.init_report = report
         return module
@@ -288,7 +420,7 @@ class Detection(TrainingMethod):
     # ---- optimisation --------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
         """MIMDet's three lr groups (ConvStem x1, encoder x 1/m, the rest x m), each with and without decay."""
-        skip = ("pos_embed", "decoder_pos_embed", "cls_token", "mask_token")
+        skip = ("pos_embed", "decoder_pos_embed", "cls_token", "mask_token", "relative_position_bias_table")
         groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
         encoder_ids = {id(p) for p in self.encoder.parameters()}
         stem_ids = {id(p) for p in getattr(self.detector.backbone, "stem", torch.nn.Identity()).parameters()}
@@ -303,13 +435,36 @@ class Detection(TrainingMethod):
             for (scale, exempt), params in sorted(groups.items())
         ]
 
+    def schedule_epoch_steps(self) -> int:
+        """``objective.iters_per_epoch`` steps when set (the original 3x: 1,875 at batch 64), else a pass over data."""
+        return self.iters_per_epoch or super().schedule_epoch_steps()
+
     def lr_schedule(self, lr: float, warmup: int, total: int, steps_per_epoch: int):
-        """Warm-up from 0.001 x lr, then x0.1 at each of ``lr_milestones`` (epochs)."""
+        """Warm-up from ``warmup_factor`` x lr (MIMDet: 0), then x0.1 at each of ``lr_milestones`` (epochs)."""
         milestones = [int(m * steps_per_epoch) for m in self.lr_milestones]
-        return partial(warmup_step_decay, warmup_steps=warmup, milestones=milestones)
+        return partial(warmup_step_decay, warmup_steps=warmup, milestones=milestones, warmup_factor=self.warmup_factor)
 
     # ---- exports -------------------------------------------------------------------------------
     def export(self, out_dir: Path) -> dict[str, Path]:
         paths = super().export(out_dir)
         paths["detector"] = save_weights(self.detector.state_dict(), out_dir / "detector.safetensors")
         return paths
+
+
+class DetectionEvaluation(Detection):
+    """``objective=detect_eval``: a trained detector evaluated on the validation split, nothing trained.
+
+    It starts from a released MIMDet detector (``init.kind=mimdet``), which reproduces the paper's COCO AP with
+    ``recipe=mimdet_vit_b_coco_3x`` (docs/detection.md), at ``objective.eval_ratio`` (1.0, as the paper).
+    """
+
+    fits = False
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig) -> None:
+        super().check_config(cfg)
+        if cfg.init.kind != "mimdet":
+            raise ConfigError(
+                f"objective=detect_eval evaluates a trained detector, but init.kind={cfg.init.kind}: "
+                "set init.kind=mimdet init.checkpoint=<a released MIMDet .pth>"
+            )

@@ -63,6 +63,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 class MAE(TrainingMethod, TokenGridDecoder):
     pretraining_keys = ("decoder_", "mask_token")
     official_skip = ("encoder.mask_token",)
+    picture_columns = ("original", "masked input", "reconstruction")
 
     def __init__(
         self,
@@ -180,7 +181,7 @@ class MAE(TrainingMethod, TokenGridDecoder):
     # ---- pictures ------------------------------------------------------------------------------
     @torch.no_grad()
     def make_picture(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Rows of original | masked input | reconstruction (visible patches pasted back), in [0, 1]."""
+        """Original | masked input | reconstruction (the visible patches pasted back) of each image."""
         images = batch["image"]
         pred, mask = self.encode_and_decode(images)
         pred = pred.float()
@@ -191,8 +192,7 @@ class MAE(TrainingMethod, TokenGridDecoder):
         m = mask.unsqueeze(-1)
         masked = unpatchify(target * (1 - m), self.target_patch, self.target_grid)
         recon = unpatchify(target * (1 - m) + pred * m, self.target_patch, self.target_grid)
-        rows = torch.stack([images.float(), masked, recon], dim=1)  # (B, 3 views, C, H, W)
-        return rows.flatten(0, 1)
+        return torch.stack([images.float(), masked, recon], dim=1)
 
     # ---- exports -------------------------------------------------------------------------------
     def export(self, out_dir: Path) -> dict[str, Path]:

@@ -53,6 +53,7 @@ class SupervisedClassifier(TrainingMethod):
 
     hparams_ignore: tuple[str, ...] = ("encoder", "record")  # modules and objects, not hyper-parameters
     trains_on_labels = True
+    picture_columns = ("augmented", "as trained on (mixup / cutmix)")
 
     def __init__(
         self,
@@ -137,10 +138,11 @@ class SupervisedClassifier(TrainingMethod):
 
     @torch.no_grad()
     def make_picture(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pairs of augmented image | the mixup/cutmix-ed image the model (and a teacher) is trained on."""
+        """Augmented image | the mixup/cutmix-ed image the model (and a teacher) is trained on, per image
+        (an even count: timm mixes pairs)."""
         images = batch["image"][: batch["image"].shape[0] // 2 * 2]
         mixed = self.mix({"image": images, "label": batch["label"][: images.shape[0]]})[0]
-        return torch.stack([images, mixed], dim=1).flatten(0, 1)
+        return torch.stack([images, mixed], dim=1)
 
     # ---- export --------------------------------------------------------------------------------
     def classifier_state(self) -> dict[str, torch.Tensor]:

@@ -33,6 +33,8 @@ LOSS_KEYS = ("commitment", "ema_decay", "restart_threshold")
 class TokenizerModule(TrainingMethod):
     """Reconstruction + commitment loss; the codebook follows its EMA inside each training step."""
 
+    picture_columns = ("input", "reconstruction from its tokens")
+
     def __init__(
         self, tokenizer: VQTokenizer, optim: dict, batch_size: int, warmup_epochs: float, report_images: int = 2000
     ) -> None:
@@ -70,10 +72,10 @@ class TokenizerModule(TrainingMethod):
 
     @torch.no_grad()
     def make_picture(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pairs of input | reconstruction from its tokens, in [0, 1]."""
+        """Input | reconstruction from its tokens, per image, in [0, 1]."""
         images = batch["image"]
         recon = self.tokenizer.decode(self.tokenizer.tokenize(images)).clamp(0, 1)
-        return torch.stack([images, recon], dim=1).flatten(0, 1)
+        return torch.stack([images, recon], dim=1)
 
     def after_fit(self, trainer: L.Trainer, datamodule: ImageDataModule, run_dir: Path) -> dict[str, float]:
         """Codebook usage and reconstruction error on held-out images (the test split when there is one)."""

@@ -8,19 +8,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from torchvision.utils import make_grid, save_image
 
 from src.config import RunStopped
 from src.evaluation.knn import RawPixels, check_bank, knn_accuracy
-from src.figures import log_picture
-from src.files import atomic_file
+from src.figures import figure_pixels, image_grid, log_picture, save_picture, side_by_side
 from src.methods.optim import skips_on_found_inf
-from src.pipeline.report import side_by_side
+from src.pipeline.report import CURVE_KEYS, KNN, KNN_PIXELS, KNN_START, Points, read_curves, run_figures
 
 
 class SameConfigOnEveryRank(L.Callback):
@@ -167,7 +168,12 @@ class KNNMonitor(L.Callback):
 
 
 class PictureLogger(L.Callback):
-    """Keeps a fixed batch of training images so pictures are comparable across steps."""
+    """The method's picture of a fixed batch (comparable across steps) at step 0 and every N steps, and at the end
+    of training the run's figures: the first and the last picture side by side, and the curves of its CSV log.
+
+    Each goes to ``out_dir`` as a PNG and to every logger that shows pictures (``log_picture``); the kNN curve
+    with its baselines also goes to W&B as one native chart.
+    """
 
     def __init__(
         self,
@@ -185,6 +191,8 @@ class PictureLogger(L.Callback):
         self._batch: dict[str, torch.Tensor] | None = None
         self.saved: list[Path] = []
         self.first_and_last: Path | None = None
+        self.curves: dict[str, Path] = {}  # "loss", "lr", "knn": the figures drawn at the end of training
+        self._drawn_at: int | None = None  # the step of the last picture
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         if self._batch is None:
@@ -201,10 +209,28 @@ class PictureLogger(L.Callback):
             self.draw(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        self.draw(trainer, pl_module)
+        if self._drawn_at != trainer.global_step:  # a run stopped before its last step (max_steps, a signal)
+            self.draw(trainer, pl_module)
+        if rank_zero_only.rank != 0:
+            return
         steps = sorted(self.out_dir.glob("step*.png"))  # earlier commands of a resumed run included
-        if rank_zero_only.rank == 0 and len(steps) > 1:
-            self.first_and_last = side_by_side(steps[0], steps[-1], self.out_dir / "first_and_last.png")
+        if len(steps) > 1:
+            picture = side_by_side([np.asarray(Image.open(path).convert("RGB")) for path in (steps[0], steps[-1])])
+            self.first_and_last = save_picture(picture, self.out_dir / "first_and_last.png")
+            log_picture(trainer, "pictures/first_and_last", picture)
+        self.draw_curves(trainer)
+
+    def draw_curves(self, trainer: L.Trainer) -> None:
+        """The curves of the run's whole CSV history (earlier commands of a resumed run included), flushed first."""
+        csv_loggers = [logger for logger in trainer.loggers if isinstance(logger, CSVLogger)]
+        if not csv_loggers:
+            return
+        csv_loggers[0].save()
+        curves = read_curves(Path(csv_loggers[0].experiment.metrics_file_path), CURVE_KEYS)
+        for name, picture in run_figures(curves, self.out_dir).items():
+            self.curves[name] = self.out_dir / f"{name}.png"
+            log_picture(trainer, f"pictures/{name}", picture)
+        log_knn_chart(trainer, curves)
 
     def draw(self, trainer: L.Trainer, pl_module) -> None:
         """On rank zero; under FSDP2 every rank draws (``make_picture`` gathers the shards), rank zero saves."""
@@ -214,15 +240,35 @@ class PictureLogger(L.Callback):
         pl_module.eval()
         picture = pl_module.make_picture(self._batch)
         pl_module.train(was_training)
+        self._drawn_at = trainer.global_step
         if picture is None or not trainer.is_global_zero:
             return
-        picture = (picture.float().cpu() * self.std + self.mean).clamp(0, 1)
-        views = picture.shape[0] // self._batch["image"].shape[0]
-        grid = make_grid(picture, nrow=views, padding=1)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"step{trainer.global_step:07d}.png"
-        with atomic_file(path) as f:  # a kill while drawing leaves no truncated PNG for the resumed run to read
-            save_image(grid, f, format="png")
+        views = picture.shape[1]
+        picture = (picture.float().cpu().flatten(0, 1) * self.std + self.mean).unflatten(0, (-1, views))
+        columns = [*pl_module.picture_columns, *(f"view {i + 1}" for i in range(views))][:views]
+        images = picture.permute(0, 1, 3, 4, 2).numpy()  # (images, views, H, W, 3): the grid's layout
+        pixels = figure_pixels(image_grid(images, columns, f"step {trainer.global_step}"))
+        path = save_picture(pixels, self.out_dir / f"step{trainer.global_step:07d}.png")
         if path not in self.saved:
             self.saved.append(path)
-        log_picture(trainer, "pictures/objective", grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+        log_picture(trainer, "pictures/objective", pixels)
+
+
+def log_knn_chart(trainer: L.Trainer, curves: dict[str, Points]) -> None:
+    """W&B: kNN top-1 and its two baselines as one native line chart (the scalars are each a chart of their own)."""
+    wandb_loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    if not wandb_loggers or not all(curves[key] for key in (KNN, KNN_START, KNN_PIXELS)):
+        return
+    import wandb
+
+    steps = [step for step, _ in curves[KNN]]
+    levels = [[curves[key][-1][1]] * len(steps) for key in (KNN_START, KNN_PIXELS)]
+    chart = wandb.plot.line_series(
+        xs=steps,
+        ys=[[value for _, value in curves[KNN]], *levels],
+        keys=["encoder", "untrained encoder (step 0)", "raw pixels"],
+        title="online kNN top-1 against its baselines",
+        xname="step",
+    )
+    for logger in wandb_loggers:
+        logger.log_metrics({"knn/top1_with_baselines": chart}, step=trainer.global_step)

@@ -27,11 +27,12 @@ from src.pipeline.elastic import ElasticLayout, keep_global_batch
 from src.pipeline.export import export_run, pickle_allowed, pickle_permissions
 from src.pipeline.loggers import build_loggers, check_logger, wandb_run_dir
 from src.pipeline.output import log_to_file, single_log_stream
-from src.pipeline.report import loss_curve
+from src.pipeline.progress import progress_callbacks
 from src.pipeline.run_folder import (
     FINISHED_FILE,
     check_same_run,
     check_writable,
+    checkpoint_step,
     finished_run,
     record_run,
     resume_checkpoint,
@@ -60,19 +61,20 @@ def build_trainer(
 
     The data module splits the data over the ranks itself (one global batch whatever the world size), so
     Lightning must not put a DistributedSampler in front of it. ``trainer.compile`` and ``trainer.fsdp`` are
-    read here, not passed to the Trainer.
+    read here, not passed to the Trainer; ``trainer.progress`` picks how progress shows (``progress.py``).
     """
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_kwargs.pop("fsdp", None)
     trainer_kwargs.pop("timeout_s", None)
     maybe_compile(module, bool(trainer_kwargs.pop("compile", False)))
+    progress = progress_callbacks(trainer_kwargs.pop("progress"))
     trainer_kwargs["precision"] = resolved_precision(cfg.trainer)
     trainer_kwargs["strategy"] = build_strategy(cfg, module)
     return L.Trainer(
         **trainer_kwargs,
         default_root_dir=str(run_dir),  # where Lightning writes hpc_ckpt_<N>.ckpt on a SLURM requeue signal
         logger=loggers,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *progress],
         plugins=[AtomicCheckpointIO(), *cluster_plugins()],
         use_distributed_sampler=False,
     )
@@ -163,7 +165,7 @@ def fit(settled: SettledRun, run_dir: Path) -> RunResult:
         module.hparams["encoder_config"] = OmegaConf.to_container(cfg.encoder, resolve=True)
 
     watch = RunCallbacks.for_run(cfg, method, module, run_dir)
-    loggers = build_loggers(cfg, run_dir)
+    loggers = build_loggers(cfg, run_dir, checkpoint_step(ckpt_path) if ckpt_path is not None else None)
     trainer = build_trainer(cfg, run_dir, watch.callbacks, loggers, module)
     checkpoint = train_or_evaluate(trainer, module, datamodule, ckpt_path, run_dir, cfg.batch_size)
 
@@ -273,12 +275,15 @@ def finish(
         result.metrics |= extra
     if cfg.get("export", True):  # a sharded model is exported from its consolidated checkpoint
         out = run_dir / "export"
-        if sharded(cfg):  # with the command's own permission to unpickle (never the recorded config's)
-            allowed = pickle_allowed(OmegaConf.to_container(cfg, resolve=True))
+        allowed = pickle_allowed(OmegaConf.to_container(cfg, resolve=True))  # the command's, never the record's
+        if sharded(cfg):
             result.exports = export_run(run_dir, result.checkpoint, out, allow_pickle=allowed)
         else:
             result.exports = module.export(out)
+        if cfg.get("export_formats"):  # hf, onnx: rebuilt from the final checkpoint on the CPU, each file checked
+            formats = list(cfg.export_formats)
+            result.exports |= export_run(run_dir, result.checkpoint, out, allow_pickle=allowed, formats=formats)
     if module.fits:
-        result.loss_curve = loss_curve(run_dir / "csv" / "metrics.csv", run_dir / "pictures" / "loss.png")
-        result.first_and_last = watch.pictures.first_and_last if watch.pictures is not None else None
+        result.loss_curve = watch.pictures.curves.get("loss")  # drawn with the other figures at the end of training
+        result.first_and_last = watch.pictures.first_and_last
     result.save(cfg)

@@ -57,6 +57,8 @@ HARMLESS = ("resume", "takeover", "resume_changes", "num_workers", "checkpoint_e
 # Where the folder and the init file lie: a moved project resumes (the init file's content is checked by its identity).
 HARMLESS += ("runs_dir", "run_dir", "init.checkpoint")
 HARMLESS += ("logger.", "trainer.log_every_n_steps", "knn.every_n_epochs", "max_nonfinite_steps", "trainer.timeout_s")
+HARMLESS += ("trainer.progress",)  # a bar or lines: how the progress shows
+HARMLESS += ("objective.eval_backend",)  # either COCOeval gives the same AP (tests/test_detection_eval.py)
 # How the run is laid out on machines: a resume may change them (another world size keeps the global batch by
 # its accumulation, src/pipeline/elastic.py); each change is said on an info line.
 LAYOUT = ("trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.accumulate_grad_batches")

@@ -94,7 +94,7 @@ def summary(result: RunResult) -> str:
     if result.wandb_dir:
         lines.append(f"  W&B run    : {result.wandb_dir}  (offline runs upload with `wandb sync {result.wandb_dir}`)")
     else:
-        lines.append("  W&B run    : off (logger=csv or logger.wandb.enabled=false)")
+        lines.append("  W&B run    : off (logger=[...] does not choose wandb)")
     metrics = result.metrics
     if "data/skipped" in metrics or "train/nonfinite_steps" in metrics:
         lines.append(
