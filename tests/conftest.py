@@ -77,6 +77,11 @@ SCENES = [
 ]
 
 
+def scenes_run(tmp_path: Path) -> list[str]:
+    """``SCENES`` built into this test's folder, and the run folders beside them."""
+    return [*SCENES, f"runs_dir={tmp_path}", f"dataset.root={tmp_path}/scenes"]
+
+
 def start_pretraining(args: list[str], env: dict[str, str]) -> subprocess.Popen:
     """A pretraining run in the background, in its own process group (so a test can kill all of it)."""
     return subprocess.Popen(

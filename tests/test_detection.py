@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SCENES, SMALL_HEADS, TINY, both_ranks, compose_config
+from conftest import SMALL_HEADS, TINY, both_ranks, compose_config, scenes_run
 from omegaconf import OmegaConf
 from torch import nn
 from torchvision.ops import MultiScaleRoIAlign, roi_align
@@ -34,9 +34,7 @@ def detect_overrides(tmp_path: Path, *overrides: str) -> list[str]:
     """A tiny detection run on real scenes: 4 px ViT-T (2 blocks) as the MAE fixture trains, 32-wide heads."""
     return [
         *[o for o in TINY if not o.startswith("dataset.")],
-        *SCENES,
-        f"runs_dir={tmp_path}",
-        f"dataset.root={tmp_path}/scenes",
+        *scenes_run(tmp_path),
         "objective=detect",
         "objective.pretrain_img_size=32",
         "objective.decoder_depth=2",

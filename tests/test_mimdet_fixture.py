@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SCENES, compose_config
+from conftest import compose_config, scenes_run
 from safetensors.torch import load_file
 
 from src.detection.backbone import MIMDetBackbone, sample_tokens
@@ -32,9 +32,7 @@ RANDOM_BY_DESIGN = ("stem.", "decoder.fill_proj.", "fpn.")  # what the original 
 def fixture_overrides(tmp_path: Path, *overrides: str) -> list[str]:
     """A detection run of the fixture's sizes from its MAE checkpoint (official layout), FPN without a norm."""
     return [
-        *SCENES,
-        f"runs_dir={tmp_path}",
-        f"dataset.root={tmp_path}/scenes",
+        *scenes_run(tmp_path),
         "logger=csv",
         "objective=detect",
         "encoder=vit_t",

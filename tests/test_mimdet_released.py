@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SCENES, compose_config
+from conftest import compose_config, scenes_run
 
 from src.config import ConfigError
 from src.detection.released import BACKGROUND_SLOT, detector_state, our_name
@@ -44,9 +44,7 @@ def tiny_config(tmp_path: Path, *overrides: str):
 def tiny_overrides(tmp_path: Path, *overrides: str) -> list[str]:
     """A MIMDet detector of the fixture's widths on Fashion-MNIST scenes (10 classes, masks), evaluated only."""
     return [
-        *SCENES,
-        f"runs_dir={tmp_path}",
-        f"dataset.root={tmp_path}/scenes",
+        *scenes_run(tmp_path),
         "logger=csv",
         "num_workers=0",
         "batch_size=2",

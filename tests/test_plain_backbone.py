@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SCENES, SMALL_HEADS, TINY, compose_config
+from conftest import SMALL_HEADS, TINY, compose_config, scenes_run
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -137,9 +137,7 @@ def detect_overrides(tmp_path: Path, *overrides: str, encoder: list[str] = VIT_T
     return [
         *[o for o in TINY if not o.startswith(("dataset.", "encoder", "+encoder"))],
         *encoder,
-        *SCENES,
-        f"runs_dir={tmp_path}",
-        f"dataset.root={tmp_path}/scenes",
+        *scenes_run(tmp_path),
         "dataset.sizes.max=96",
         "objective=detect",
         *SMALL_HEADS,
